@@ -79,6 +79,7 @@ def assemble_advantages(
     axpo: AXPOConfig | None = None,
     cfg: AdvantageConfig | None = None,
     row_mask: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> StepAdvantages:
     """Per-token advantages and loss mask for every row of the step.
 
@@ -89,10 +90,14 @@ def assemble_advantages(
         cfg: normalisation settings (defaults: std-normalised, eps 1e-6).
         row_mask: optional [R] bool; False rows (e.g. NaN logprobs) get no loss. Group statistics
             still include them: their reward is valid even if their tokens can't be trained on.
+        out: optional reusable (advantages float32, loss_mask bool) buffers of at least [R, S];
+            the results are views into them. A trainer that keeps them across steps avoids
+            re-faulting hundreds of MB per step; it must not hold on to last step's results.
     """
     axpo = axpo or AXPOConfig()
     cfg = cfg or AdvantageConfig()
     rows = batch.num_rows
+    width = batch.token_ids.shape[1]
     groups = batch.num_groups
     resampled = ~batch.is_original
     if plan is None:
@@ -128,29 +133,29 @@ def assemble_advantages(
     if credit:
         credited = batch.reward.clone()
         credited[plan_selected] = prefix_reward
-        if own_groups:
-            members = batch.is_original
-        else:
-            members = torch.ones(rows, dtype=torch.bool)
+        members = batch.is_original if own_groups else torch.ones(rows, dtype=torch.bool)
         idx = torch.nonzero(members).flatten()
         adv_credited = group_normalize(credited[idx], stat_group[idx], num_stat_groups, cfg)
         position = torch.full((rows,), -1, dtype=torch.long)
         position[idx] = torch.arange(idx.numel())
         prefix_adv = adv_credited[position[plan_selected]]
 
-    # Token level: generated tokens at or after each row's frozen prefix.
-    width = batch.token_ids.shape[1]
-    positions = torch.arange(width)
-    loss_mask = positions[None, :] >= batch.prefix_len[:, None]
-    loss_mask &= batch.generated
+    loss_mask, advantages = _token_buffers(batch, out)
+    # Loss tokens: generated tokens, minus each resampled row's frozen prefix.
+    if bool(resampled.any()):
+        rows_res = torch.nonzero(resampled).flatten()
+        loss_mask.view(-1)[_flat_ranges(rows_res, batch.prefix_len[rows_res], width)] = False
     if row_mask is not None:
-        loss_mask &= row_mask.to(torch.bool)[:, None]
-    advantages = row_adv[:, None] * loss_mask
+        loss_mask[~row_mask.to(torch.bool)] = False
+    # uint8 -> float copy then an in-place scale is the fastest way to broadcast on CPU.
+    advantages.copy_(loss_mask.view(torch.uint8))
+    advantages.mul_(row_adv[:, None])
 
     if credit:
-        src_prefix = positions[None, :] < plan.prefix_len[:, None]
-        src_prefix &= loss_mask[plan_selected]
-        advantages[plan_selected] = torch.where(src_prefix, prefix_adv[:, None], advantages[plan_selected])
+        starts = batch.prompt_lens[plan_selected]
+        flat = _flat_ranges(plan_selected, plan.prefix_len, width, starts)
+        values = prefix_adv.repeat_interleave((plan.prefix_len - starts).clamp(min=0))
+        advantages.view(-1)[flat] = values * loss_mask.view(-1)[flat]
 
     return StepAdvantages(
         advantages=advantages,
@@ -159,3 +164,31 @@ def assemble_advantages(
         prefix_reward=prefix_reward,
         prefix_advantage=prefix_adv,
     )
+
+
+def _token_buffers(
+    batch: RolloutBatch, out: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_mask holding ``generated``, uninitialised advantages), fresh or in the caller's buffers."""
+    rows, width = batch.token_ids.shape
+    if out is None:
+        return batch.generated.clone(), torch.empty((rows, width), dtype=torch.float32)
+    adv_buf, mask_buf = out
+    if adv_buf.dtype != torch.float32 or mask_buf.dtype != torch.bool:
+        raise ValueError("assemble_advantages: out must be (float32 advantages, bool loss_mask) buffers")
+    if adv_buf.numel() < rows * width or mask_buf.numel() < rows * width:
+        raise ValueError(f"assemble_advantages: out buffers hold fewer than {rows}x{width} elements")
+    loss_mask = mask_buf.view(-1)[: rows * width].view(rows, width).copy_(batch.generated)
+    return loss_mask, adv_buf.view(-1)[: rows * width].view(rows, width)
+
+
+def _flat_ranges(
+    rows: torch.Tensor, stops: torch.Tensor, width: int, starts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Flat indices into a row-major [R, width] tensor of positions [starts[i], stops[i]) of rows[i]."""
+    starts = torch.zeros_like(stops) if starts is None else starts
+    counts = (stops - starts).clamp(min=0)
+    total = int(counts.sum())
+    row_base = rows * width + starts
+    offsets = torch.arange(total) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return torch.repeat_interleave(row_base, counts) + offsets

@@ -36,14 +36,15 @@ def setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
-def field_errors(obj: Any, prefix: str = "") -> list[str]:
-    """Check one dataclass instance's fields against their declared choices and bounds.
+def field_errors(obj: Any, prefix: str = "", schema: type | None = None) -> list[str]:
+    """Check an object's fields against the choices and bounds its dataclass declares.
 
-    Returns one message per violation, each starting with the field's key path
-    (``prefix`` + field name). Nested dataclasses are not descended into; callers walk trees.
+    ``obj`` is a dataclass instance, or any attribute-bearing node (e.g. an OmegaConf node) when
+    ``schema`` names its dataclass. Returns one message per violation, each starting with the
+    field's key path (``prefix`` + field name). Nested dataclasses are not descended into.
     """
     errors = []
-    for f in dataclasses.fields(obj):
+    for f in dataclasses.fields(schema or obj):
         meta = f.metadata
         if not meta:
             continue

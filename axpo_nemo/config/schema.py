@@ -1,0 +1,86 @@
+"""The typed schema of the one config tree that drives every backend.
+
+Each section is a dataclass whose fields document themselves (``setting(default, help, ...)``).
+The algorithm sections (`AXPOConfig`, `AdvantageConfig`, `LossConfig`) are the core's own
+dataclasses, embedded unchanged. Later subsystems add their sections here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from axpo_nemo.core.config import AdvantageConfig, AXPOConfig, LossConfig, setting
+
+
+@dataclass
+class TinyModelConfig:
+    """Size of the tiny Qwen3-VL built offline when ``model.name`` is ``tiny``."""
+
+    num_layers: int = setting(2, "Text decoder layers.", ge=1)
+    hidden_size: int = setting(128, "Text hidden size.", ge=8)
+    num_heads: int = setting(4, "Attention heads.", ge=1)
+    num_kv_heads: int = setting(2, "Key/value heads (grouped-query attention); must divide num_heads.", ge=1)
+    head_dim: int = setting(32, "Per-head size; even, at least 8 (M-RoPE splits it three ways).", ge=8)
+    intermediate_size: int = setting(256, "MLP inner size.", ge=8)
+    vision_depth: int = setting(2, "Vision transformer blocks.", ge=1)
+    vision_hidden_size: int = setting(64, "Vision transformer hidden size.", ge=8)
+    vision_num_heads: int = setting(4, "Vision attention heads; must divide vision_hidden_size.", ge=1)
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to train."""
+
+    name: str = setting(
+        "tiny",
+        "'tiny' builds a small random Qwen3-VL offline (tests, the demo); otherwise a local folder "
+        "holding a Hugging Face Qwen3-VL checkpoint, e.g. a downloaded Qwen3-VL-2B-Thinking.",
+    )
+    dtype: str = setting(
+        "auto",
+        "Parameter dtype: 'auto' is bfloat16 on a GPU and float32 on CPU.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str = setting("auto", "'auto' (first GPU if any, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class RolloutConfig:
+    """How rollouts are sampled (shared by the original and the resampled rollouts)."""
+
+    questions_per_step: int = setting(64, "Questions B drawn per RL step.", ge=1)
+    group_size: int = setting(
+        8, "Rollouts N per question. A budget-matched GRPO baseline uses N·(1+r).", ge=1
+    )
+    max_turns: int = setting(3, "Assistant turns per rollout at most.", ge=1)
+    max_new_tokens: int = setting(1024, "Tokens generated per assistant turn at most.", ge=1)
+    max_total_tokens: int = setting(8192, "Tokens per trajectory (prompt, turns, observations) at most.", ge=16)
+    max_images: int = setting(8, "Images per trajectory (question and tool results) at most.", ge=0)
+    temperature: float = setting(1.0, "Sampling temperature.", gt=0.0)
+    top_p: float = setting(1.0, "Nucleus sampling mass.", gt=0.0, le=1.0)
+
+
+ALGORITHMS = ("axpo", "grpo")
+BACKENDS = ("local", "nemo")
+
+
+@dataclass
+class Config:
+    """The whole run configuration."""
+
+    algorithm: str = setting(
+        "axpo", "'axpo' (GRPO + tool-call resampling) or 'grpo' (resampling off).", choices=ALGORITHMS
+    )
+    backend: str = setting(
+        "local",
+        "'local' (Hugging Face transformers, CPU or one GPU) or 'nemo' (NeMo-RL: Megatron + vLLM).",
+        choices=BACKENDS,
+    )
+    seed: int = setting(0, "Seed for sampling, selection and data order.")
+    output_dir: str = setting("runs/axpo", "Where the run writes checkpoints, metrics and plots.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    axpo: AXPOConfig = field(default_factory=AXPOConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)

@@ -1,0 +1,67 @@
+"""The `axpo` command: help, config show on every shipped config, and clean failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from axpo_nemo.cli import main
+from axpo_nemo.config.loader import SOURCE_CONF_DIR
+
+SHIPPED = sorted(p.relative_to(SOURCE_CONF_DIR).as_posix() for p in SOURCE_CONF_DIR.rglob("*.yaml"))
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "config" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["config", "--help"])
+    out = capsys.readouterr().out
+    assert "show" in out and "keys" in out
+    with pytest.raises(SystemExit):
+        main(["config", "show", "--help"])
+    assert "--config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_config_show_works_on_every_shipped_config(name, capsys):
+    assert main(["config", "show", "--config", name]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert {"algorithm", "model", "rollout", "axpo", "advantage", "loss"} <= set(shown)
+
+
+def test_config_show_applies_overrides(capsys):
+    assert main(["config", "show", "-c", "grpo", "axpo.r=0.5", "++rollout.group_size=16"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["algorithm"] == "grpo" and shown["axpo"]["r"] == 0.5 and shown["rollout"]["group_size"] == 16
+
+
+def test_misspelt_key_exits_nonzero_naming_the_key(capsys):
+    assert main(["config", "show", "axpo.selction=random"]) == 2
+    err = capsys.readouterr().err
+    assert "axpo.selction" in err and "axpo.selection" in err
+    assert err.count("\n") == 1
+
+
+def test_config_keys_documents_every_key(capsys):
+    assert main(["config", "keys", "--width", "400"]) == 0
+    out = capsys.readouterr().out
+    for key in ("axpo.prefix_credit", "loss.clip_high", "rollout.group_size", "model.tiny.num_layers"):
+        assert key in out
+
+
+def test_console_script_runs_as_a_process():
+    done = subprocess.run(
+        [sys.executable, "-m", "axpo_nemo.cli", "config", "show", "axpo.rr=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "unknown config key 'axpo.rr'" in done.stderr and "did you mean 'axpo.r'" in done.stderr
+    assert "Traceback" not in done.stderr
