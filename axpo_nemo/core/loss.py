@@ -63,6 +63,13 @@ def policy_loss(
     """
     cfg = cfg or LossConfig()
     mask = loss_mask.to(logprobs.dtype)
+    # Masked positions may hold NaN/inf (padding, dropped rows); NaN·0 is NaN, so zero them first.
+    keep = loss_mask.to(torch.bool)
+    logprobs = torch.where(keep, logprobs, 0.0)
+    old_logprobs = torch.where(keep, old_logprobs, 0.0)
+    advantages = torch.where(keep, advantages, 0.0)
+    if ref_logprobs is not None:
+        ref_logprobs = torch.where(keep, ref_logprobs, 0.0)
     if num_tokens is None:
         num_tokens = mask.sum()
     denom = torch.as_tensor(num_tokens, dtype=logprobs.dtype, device=logprobs.device).clamp(min=1.0)

@@ -75,13 +75,15 @@ def step_metrics(batch: RolloutBatch, plan: ResamplePlan | None = None) -> dict[
     }
 
 
-def pass_at_k(num_samples, num_correct, k: int) -> np.ndarray:
+def pass_at_k(num_samples, num_correct, k: int) -> np.ndarray | float:
     """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) per question (Chen et al., 2021).
 
-    ``num_samples`` and ``num_correct`` are scalars or arrays of per-question counts. Computed as
-    1 - prod_{i=n-c+1}^{n} (1 - k/i), which is exact and never overflows. Raises ValueError when
-    some question has fewer than k samples or more correct than samples.
+    ``num_samples`` and ``num_correct`` are per-question counts: arrays give an array, two
+    scalars give a float. Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which is exact and never
+    overflows. Raises ValueError when some question has fewer than k samples or more correct
+    than samples.
     """
+    scalar = np.ndim(num_samples) == 0 and np.ndim(num_correct) == 0
     n = np.atleast_1d(np.asarray(num_samples, dtype=np.int64))
     c = np.atleast_1d(np.asarray(num_correct, dtype=np.int64))
     n, c = np.broadcast_arrays(n, c)
@@ -91,7 +93,6 @@ def pass_at_k(num_samples, num_correct, k: int) -> np.ndarray:
         raise ValueError(f"pass_at_k: every question needs n >= k={k} samples (min n is {int(n.min())})")
     if ((c < 0) | (c > n)).any():
         raise ValueError("pass_at_k: num_correct must lie in [0, num_samples]")
-    out = np.ones(n.shape, dtype=np.float64)
     width = int(c.max()) if c.size else 0
     if width:
         # Factor j (0-based) of question q is 1 - k/(n-c+1+j), used for j < c.
@@ -102,4 +103,4 @@ def pass_at_k(num_samples, num_correct, k: int) -> np.ndarray:
         out = np.where(n - c < k, 1.0, 1.0 - np.prod(factors, axis=-1))
     else:
         out = np.zeros(n.shape, dtype=np.float64)
-    return out
+    return float(out[0]) if scalar else out

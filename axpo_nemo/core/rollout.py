@@ -170,6 +170,8 @@ class RolloutBatch:
         # A batch of only resampled rows is a legal intermediate (before `concat`).
         if num_originals and bool((self.source[resampled] >= num_originals).any()):
             raise ValueError("RolloutBatch: a resampled row's source is not an original row")
+        if num_originals and bool((self.group[resampled] != self.group[self.source[resampled]]).any()):
+            raise ValueError("RolloutBatch: a resampled row's group differs from its source's group")
         if rows and bool(resampled.any()) and bool((~resampled)[int(resampled.nonzero()[0]) :].any()):
             raise ValueError("RolloutBatch: original rows must come before resampled rows")
 

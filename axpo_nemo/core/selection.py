@@ -89,8 +89,9 @@ class ResamplePlan:
         candidate_uncertainty: [C] their u.
         selected: [M'] row indices of the chosen sources, in selection order (M' <= budget).
         selected_uncertainty: [M'] their u.
-        prefix_len: [M'] tokens in each chosen prefix (prompt + first-turn tokens through the
-            ``<tool_call>`` marker); the backend forks the source's tokens at this length.
+        prefix_len: [M'] tokens the backend keeps from each chosen source before sampling: the
+            prompt + first-turn tokens through the ``<tool_call>`` marker, or just the prompt when
+            prefix fixing is off (fresh rollouts of the same question).
         budget: M, the most prefixes this step could take.
         k: continuations to draw per chosen prefix.
         prefix_fixing: continuations start from the prefix (True) or are fresh rollouts (False).
@@ -164,7 +165,8 @@ def plan_resampling(batch: RolloutBatch, cfg: AXPOConfig, seed: int = 0) -> Resa
         candidate_uncertainty=uncertainty,
         selected=selected,
         selected_uncertainty=uncertainty[order],
-        prefix_len=batch.call_start[selected] + 1,
+        # Without prefix fixing the extra rollouts are fresh: only the prompt is shared.
+        prefix_len=batch.call_start[selected] + 1 if cfg.prefix_fixing else batch.prompt_lens[selected],
         budget=budget,
         k=cfg.k,
         prefix_fixing=cfg.prefix_fixing,
