@@ -72,7 +72,7 @@ def field_errors(obj: Any, prefix: str = "", schema: type | None = None) -> list
     return errors
 
 
-class _Validated:
+class ValidatedConfig:
     """Mixin: validate declared field constraints when a dataclass is built in code."""
 
     def __post_init__(self) -> None:
@@ -85,7 +85,7 @@ SELECTION_MODES = ("uncertainty", "random", "confident")
 
 
 @dataclass
-class AXPOConfig(_Validated):
+class AXPOConfig(ValidatedConfig):
     """Tool-call resampling from a frozen thinking prefix (DESIGN.md §1, steps 1-6)."""
 
     r: float = setting(
@@ -121,7 +121,7 @@ class AXPOConfig(_Validated):
 
 
 @dataclass
-class AdvantageConfig(_Validated):
+class AdvantageConfig(ValidatedConfig):
     """Group-relative advantage normalisation."""
 
     normalize_std: bool = setting(
@@ -136,7 +136,7 @@ KL_TYPES = ("k1", "k2", "k3")
 
 
 @dataclass
-class LossConfig(_Validated):
+class LossConfig(ValidatedConfig):
     """Token-level PPO-clip policy loss with KL to a fixed reference policy."""
 
     clip_low: float = setting(0.2, "PPO ratio clip below: ratio >= 1 - clip_low.", ge=0.0, lt=1.0)

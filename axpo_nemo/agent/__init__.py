@@ -1,0 +1,1 @@
+"""The agent side of AXPO: chat/tool protocol, tools, sandbox and answer verification."""

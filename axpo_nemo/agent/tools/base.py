@@ -1,0 +1,68 @@
+"""The tool interface every agent tool implements, and the result it returns.
+
+A tool declares a JSON schema (rendered into the system prompt), validates its arguments and
+runs. It never raises for bad input: anything wrong becomes a `ToolResult` with ``error`` set,
+whose text the model sees as the observation, so a malformed call costs the rollout nothing but
+a turn (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+
+@dataclass
+class ToolContext:
+    """What a tool call may use besides its arguments.
+
+    Attributes:
+        images: the trajectory's images so far, in order (the question's first, then tool outputs).
+        question_id: an identifier of the question, for logging.
+        timeout_s: wall-clock budget for this call.
+    """
+
+    images: list[Image.Image] = field(default_factory=list)
+    question_id: str | None = None
+    timeout_s: float = 30.0
+
+
+@dataclass
+class ToolResult:
+    """A tool call's observation: text, any images it produced, and whether it failed.
+
+    ``error`` is None on success; otherwise a short machine-readable kind (``bad_arguments``,
+    ``timeout``, ``crashed``, ``unknown_tool``, …) while ``text`` explains it to the model.
+    """
+
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+    error: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when the call succeeded."""
+        return self.error is None
+
+    @classmethod
+    def failure(cls, kind: str, text: str, **metadata: Any) -> ToolResult:
+        """An error observation of the given kind."""
+        return cls(text=f"Error: {text}", error=kind, metadata=metadata)
+
+
+@runtime_checkable
+class Tool(Protocol):
+    """An agent tool: a name, a JSON schema for its arguments, and a call that never raises."""
+
+    name: str
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI/Qwen function schema: ``{"type": "function", "function": {name, description, parameters}}``."""
+        ...
+
+    def __call__(self, arguments: Any, context: ToolContext) -> ToolResult:
+        """Run the tool; bad arguments or failures come back as an error `ToolResult`."""
+        ...
