@@ -1,0 +1,334 @@
+"""Batched, KV-cached sampling on a Hugging Face transformers Qwen3-VL: the local `Generator`.
+
+One ``generate`` call samples one assistant turn for every given state:
+
+1. **Prefill, shared.** States whose contexts are identical (same tokens, same image pixels: the N
+   rollouts of a question at turn 0, or the K forks of one AXPO prefix) are prefilled once; the
+   resulting KV cache rows are then gathered (``Cache.batch_select_indices`` with repeated indices)
+   so each state gets its own copy. ``stats`` counts prefilled sequences and tokens.
+2. **Positions.** Contexts are left-padded. Qwen3-VL uses 3-D M-RoPE: position ids are computed
+   here, per row, from the state's image slots exactly as ``Qwen3VLModel.get_rope_index`` does
+   (text runs advance all three axes together; an image's pads get (t, h, w) grid positions and
+   advance the text position by max(h, w) / merge), and passed explicitly as ``[4, B, L]`` (row 0:
+   the plain token index used for the causal mask, rows 1-3: t/h/w). A decoded token's position
+   is the row's max position + 1 on all three axes, i.e. ``len + rope_delta``. Passing positions
+   explicitly means the model's cached ``rope_deltas`` is neither read nor written.
+3. **Decode.** A plain loop over ``model(input_ids=[B,1], past_key_values=cache, ...)``; each row
+   stops on its stop tokens (kept in the output) or its ``max_new_tokens``; finished rows are
+   dropped from the batch and cache.
+
+**Behaviour logprob.** The logprob returned for a sampled token is ``log_softmax(logits / T)`` at
+that token: the log-probability under the policy at temperature T, which is what a trainer
+recomputes with a full forward pass. Top-p only truncates the set tokens are drawn from; the
+logprob is *not* renormalised over the nucleus (so with top_p < 1 it is the logprob of the tempered
+policy, not of the truncated sampling distribution, like vLLM's default). T = 0 means greedy; the
+logprob is then ``log_softmax(logits)``. Logits are cast to float32 first.
+
+**Seeding.** Each row samples with its own ``torch.Generator`` seeded from
+``(params.seed, state.seed, len(state.token_ids))`` and draws exactly one uniform per token
+(inverse-CDF over the probabilities sorted in descending order, stable sort), so a state's
+continuation does not depend on which other states share its batch, nor on prefix sharing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from axpo_nemo.agent.loop import Continuation, SamplingParams, per_state_params
+from axpo_nemo.agent.protocol import ImageSlot
+from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
+
+__all__ = ["GeneratorStats", "LocalGenerator", "mrope_positions", "sample_tokens"]
+
+
+@dataclass
+class GeneratorStats:
+    """Work counters of a `LocalGenerator` (cumulative; `reset` clears them).
+
+    Attributes:
+        generate_calls: ``generate`` calls.
+        prefill_calls: model forwards over contexts.
+        prefill_sequences: distinct contexts prefilled.
+        prefill_tokens: tokens of those contexts (padding excluded).
+        shared_rows: rows that reused another row's prefill (their cache was expanded from it).
+        decode_steps: single-token decode forwards.
+        sampled_tokens: tokens returned.
+    """
+
+    generate_calls: int = 0
+    prefill_calls: int = 0
+    prefill_sequences: int = 0
+    prefill_tokens: int = 0
+    shared_rows: int = 0
+    decode_steps: int = 0
+    sampled_tokens: int = 0
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        for name in asdict(self):
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a dict."""
+        return asdict(self)
+
+
+def mrope_positions(length: int, images: Sequence[ImageSlot], merge_size: int) -> torch.Tensor:
+    """[3, length] M-RoPE (t, h, w) position ids of a sequence, as ``get_rope_index`` computes them.
+
+    ``images`` are the sequence's image slots (any order).
+    """
+    pos = torch.empty(3, length, dtype=torch.long)
+    cur, i = 0, 0
+    for slot in sorted(images, key=lambda s: s.start):
+        n_text = slot.start - i
+        pos[:, i : slot.start] = torch.arange(cur, cur + n_text)
+        cur += n_text
+        t, h, w = (int(x) for x in slot.image.grid_thw)
+        h, w = h // merge_size, w // merge_size
+        grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        pos[:, slot.start : slot.end] = torch.stack(grid).reshape(3, -1) + cur
+        cur += max(h, w)
+        i = slot.end
+    pos[:, i:] = torch.arange(cur, cur + length - i)
+    return pos
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: Sequence[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; returns (tokens [B], logprobs [B] = log_softmax(logits / T)).
+
+    Each row draws one uniform from its own generator and inverts the CDF of its nucleus
+    (probabilities sorted descending, stable), so rows never interact. ``temperature <= 0`` is
+    greedy (logprob at T = 1).
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature).to(logits)
+    logp = torch.log_softmax(logits / temp[:, None], dim=-1)
+    probs, order = logp.exp().sort(dim=-1, descending=True, stable=True)
+    csum = probs.cumsum(dim=-1)
+    keep = (csum - probs) < top_p.to(logits)[:, None]  # the most likely token is always kept
+    kept = (probs * keep).cumsum(dim=-1)
+    u = torch.tensor([float(torch.rand((), generator=g, dtype=torch.float64)) for g in generators])
+    target = u.to(kept) * kept[:, -1]
+    idx = torch.searchsorted(kept, target[:, None], right=True)
+    idx = torch.minimum(idx, keep.sum(dim=-1, keepdim=True) - 1)
+    tokens = order.gather(1, idx).squeeze(1)
+    tokens = torch.where(greedy.to(tokens.device), logits.argmax(dim=-1), tokens)
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+class LocalGenerator:
+    """The `Generator` of the local backend: a HF Qwen3-VL sampled with its own KV-cached loop.
+
+    Args:
+        model: a ``Qwen3VLForConditionalGeneration`` (any device / dtype).
+        tokenizer: its tokenizer (stop texts are resolved to ids through it).
+        merge_size: the image processor's spatial merge size (default: the vision config's).
+        share_prefixes: prefill identical contexts once and expand the cache (forks, groups).
+        max_batch_size: rows decoded together at most (more states run in several batches).
+        prefill_batch_size: contexts prefilled per forward at most.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        merge_size: int | None = None,
+        share_prefixes: bool = True,
+        max_batch_size: int | None = None,
+        prefill_batch_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.merge_size = int(merge_size or model.config.vision_config.spatial_merge_size)
+        self.share_prefixes = share_prefixes
+        self.max_batch_size = max_batch_size
+        self.prefill_batch_size = prefill_batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = frozenset(int(e) for e in eos)
+        self.stats = GeneratorStats()
+
+    @classmethod
+    def from_bundle(cls, bundle, **kwargs) -> LocalGenerator:
+        """A generator for a `PolicyBundle` (model, processor, tokenizer)."""
+        kwargs.setdefault("merge_size", bundle.processor.image_processor.merge_size)
+        return cls(bundle.model, bundle.tokenizer, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device."""
+        return next(self.model.parameters()).device
+
+    def _stop_ids(self, params: SamplingParams) -> dict[int, str]:
+        ids = {}
+        for text in params.stop_token_texts:
+            token_id = self.tokenizer.convert_tokens_to_ids(text)
+            if token_id is None or self.tokenizer.convert_ids_to_tokens(token_id) != text:
+                raise ValueError(f"stop text {text!r} is not a single token")
+            ids[int(token_id)] = text
+        if not params.ignore_eos:
+            for e in self.eos_ids:
+                ids.setdefault(e, self.tokenizer.convert_ids_to_tokens(e))
+        return ids
+
+    def _context_key(self, state: TrajectoryState, row: int) -> tuple:
+        if not self.share_prefixes:
+            return (row,)
+        return tuple(state.token_ids), tuple(s.image.fingerprint for s in state.images)
+
+    def generate(
+        self, states: Sequence[TrajectoryState], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Continuation]:
+        """Sample one turn for each state (see the module docstring); never mutates the states."""
+        params = per_state_params(states, params)
+        self.stats.generate_calls += 1
+        out: list[Continuation | None] = [None] * len(states)
+        groups: dict[tuple, list[int]] = {}
+        for i, (s, p) in enumerate(zip(states, params, strict=True)):
+            if p.max_new_tokens <= 0:
+                out[i] = Continuation([], [], "length")
+            else:
+                groups.setdefault(self._context_key(s, i), []).append(i)
+        order = [i for rows in groups.values() for i in rows]  # identical contexts stay adjacent
+        size = self.max_batch_size or max(len(order), 1)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for k in range(0, len(order), size):
+                    rows = order[k : k + size]
+                    results = self._generate_batch([states[i] for i in rows], [params[i] for i in rows])
+                    for i, res in zip(rows, results, strict=True):
+                        out[i] = res
+        finally:
+            self.model.train(was_training)
+        return out  # type: ignore[return-value]
+
+    def _prefill(self, contexts: list[TrajectoryState]):
+        """Left-padded forward over distinct contexts: (cache, last logits, mask, next rope pos)."""
+        dev = self.device
+        width = max(len(c) for c in contexts)
+        chunk = self.prefill_batch_size or len(contexts)
+        caches, logits, rope_next = [], [], []
+        mask = torch.zeros(len(contexts), width, dtype=torch.long)
+        for k in range(0, len(contexts), chunk):
+            part = contexts[k : k + chunk]
+            ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
+            pos = torch.zeros(4, len(part), width, dtype=torch.long)
+            pixels, grids = [], []
+            for r, c in enumerate(part):
+                n, pad = len(c), width - len(c)
+                ids[r, pad:] = torch.tensor(c.token_ids)
+                mask[k + r, pad:] = 1
+                pos[0, r, pad:] = torch.arange(n)
+                rope = mrope_positions(n, c.images, self.merge_size)
+                pos[1:, r, pad:] = rope
+                rope_next.append(int(rope.max()) + 1 if n else 0)
+                for slot in sorted(c.images, key=lambda s: s.start):
+                    pixels.append(slot.image.pixel_values)
+                    grids.append(slot.image.grid_thw)
+                self.stats.prefill_tokens += n
+            extra = {}
+            if pixels:
+                extra = {
+                    "pixel_values": torch.cat(pixels).to(dev),
+                    "image_grid_thw": torch.stack(grids).to(dev),
+                }
+            res = self.model(
+                input_ids=ids.to(dev),
+                attention_mask=mask[k : k + len(part)].to(dev),
+                position_ids=pos.to(dev),
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
+            self.stats.prefill_calls += 1
+            caches.append(res.past_key_values)
+            logits.append(res.logits[:, -1].float())
+        self.stats.prefill_sequences += len(contexts)
+        cache = caches[0]
+        if len(caches) > 1:  # same padded width, so the chunks stack on the batch dim
+            for li, layer in enumerate(cache.layers):
+                layer.keys = torch.cat([c.layers[li].keys for c in caches])
+                layer.values = torch.cat([c.layers[li].values for c in caches])
+        return cache, torch.cat(logits), mask.to(dev), torch.tensor(rope_next)
+
+    def _generate_batch(
+        self, states: list[TrajectoryState], params: list[SamplingParams]
+    ) -> list[Continuation]:
+        dev = self.device
+        first: dict[tuple, int] = {}
+        row_ctx = [first.setdefault(self._context_key(s, r), len(first)) for r, s in enumerate(states)]
+        contexts = [states[row_ctx.index(u)] for u in range(len(first))]
+        cache, logits, mask, rope_next = self._prefill(contexts)
+        if len(contexts) < len(states):
+            index = torch.tensor(row_ctx, device=dev)
+            cache.batch_select_indices(index)
+            logits, mask = logits[index], mask[index]
+            self.stats.shared_rows += len(states) - len(contexts)
+        idx_cpu = torch.tensor(row_ctx)
+        text_pos = torch.tensor([len(s) for s in states])
+        rope_pos = rope_next[idx_cpu]
+
+        gens = [
+            torch.Generator().manual_seed(derive_seed(p.seed, s.seed, len(s)))
+            for s, p in zip(states, params, strict=True)
+        ]
+        temperature = torch.tensor([p.temperature for p in params], device=dev)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        stops = [self._stop_ids(p) for p in params]
+        tokens: list[list[int]] = [[] for _ in states]
+        logprobs: list[list[float]] = [[] for _ in states]
+        ends: list[tuple[str, str | None]] = [("length", None)] * len(states)
+        alive = list(range(len(states)))
+        while True:
+            tok, lp = sample_tokens(logits, temperature, top_p, [gens[r] for r in alive])
+            keep = []
+            for j, (r, t, x) in enumerate(zip(alive, tok.tolist(), lp.tolist(), strict=True)):
+                tokens[r].append(t)
+                logprobs[r].append(x)
+                if t in stops[r]:
+                    ends[r] = ("stop", stops[r][t])
+                elif len(tokens[r]) < params[r].max_new_tokens:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                mask, tok, temperature, top_p = mask[sel], tok[sel], temperature[sel], top_p[sel]
+                sel_cpu = sel.cpu()
+                text_pos, rope_pos = text_pos[sel_cpu], rope_pos[sel_cpu]
+                alive = [alive[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            pos = torch.stack([text_pos, rope_pos, rope_pos, rope_pos])[:, :, None].to(dev)
+            res = self.model(
+                input_ids=tok[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            self.stats.decode_steps += 1
+            cache = res.past_key_values
+            logits = res.logits[:, -1].float()
+            text_pos, rope_pos = text_pos + 1, rope_pos + 1
+        self.stats.sampled_tokens += sum(len(t) for t in tokens)
+        return [
+            Continuation(t, x, reason, stop)
+            for t, x, (reason, stop) in zip(tokens, logprobs, ends, strict=True)
+        ]
