@@ -5,6 +5,8 @@ config) followed by config overrides (``key=value``, ``+key=value``, ``++key=val
 
     axpo config show --config grpo axpo.r=0.5    # print the resolved config
     axpo config keys                             # every key with its type, default and meaning
+    axpo tools list                              # the enabled tools' schemas
+    axpo tools run image_zoom_in --args '{"bbox_2d": [0, 0, 500, 500]}' --image photo.png
 """
 
 from __future__ import annotations
@@ -62,6 +64,68 @@ def _config_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _protocol_for(model_name: str):
+    """The chat protocol of the configured model (tiny tokenizer/processor, or the checkpoint's)."""
+    from axpo_nemo.agent.protocol import ChatProtocol
+    from axpo_nemo.models import build_tiny_processor, build_tiny_tokenizer, load_processor
+
+    if model_name == "tiny":
+        return ChatProtocol(build_tiny_processor(build_tiny_tokenizer()))
+    from pathlib import Path
+
+    return ChatProtocol(load_processor(Path(model_name)))
+
+
+def _tools_list(args: argparse.Namespace) -> int:
+    import json
+
+    from axpo_nemo.agent.tools.registry import build_tools
+    from axpo_nemo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    with build_tools(cfg.tools) as tools:
+        for schema in tools.schemas():
+            print(json.dumps(schema, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _tools_run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from axpo_nemo.agent.loop import AgentLoopConfig
+    from axpo_nemo.agent.tool_debug import run_tool_call, save_images
+    from axpo_nemo.agent.tools.registry import build_tools
+    from axpo_nemo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    images = []
+    for path in args.image:
+        try:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            print(f"axpo: cannot read image {path}: {exc}", file=sys.stderr)
+            return 2
+    protocol = _protocol_for(cfg.model.name)
+    loop_cfg = AgentLoopConfig.from_rollout_config(cfg.rollout, tool_timeout_s=cfg.tools.timeout_s)
+    with build_tools(cfg.tools) as tools:
+        if args.name not in tools:
+            print(f"axpo: tool '{args.name}' is not enabled (tools.enabled: {', '.join(tools)})", file=sys.stderr)
+            return 2
+        report = run_tool_call(protocol, dict(tools), args.name, args.args, images, loop_cfg)
+    status = "ok" if report.error is None else f"error ({report.error})"
+    print(f"call: {report.call_text!r}")
+    print(f"status: {status} in {report.duration_s * 1000:.1f} ms; observation: {report.observation_tokens} tokens")
+    print("observation:")
+    print(report.observation)
+    if not report.fits_budget:
+        print(f"note: prompt + call + observation exceed rollout.max_total_tokens={cfg.rollout.max_total_tokens}; "
+              "in training this trajectory would end here")
+    for path, img in zip(save_images(report.images, args.out), report.images, strict=True):
+        print(f"image: {path} ({img.width}x{img.height})")
+    return 0 if report.error is None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``axpo`` command with all its subcommands."""
     parser = argparse.ArgumentParser(
@@ -85,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("--width", type=int, default=None, help="table width in characters")
     keys.set_defaults(handler=_config_keys)
+
+    tools = commands.add_parser("tools", help="list and debug agent tools", description="List and debug agent tools.")
+    tools_commands = tools.add_subparsers(dest="tools_command", metavar="SUBCOMMAND", required=True)
+    listing = tools_commands.add_parser(
+        "list", help="print the enabled tools' schemas as the model sees them", description="Print tool schemas."
+    )
+    _add_config_args(listing)
+    listing.set_defaults(handler=_tools_list)
+    run = tools_commands.add_parser(
+        "run",
+        help="run one tool call exactly as training would and print the observation",
+        description="Run one tool call through the agent loop (parsing, timeout, observation rendering) "
+        "and print what the model would see. Exit code 1 when the call ends in an error observation.",
+    )
+    run.add_argument("name", help="tool name, e.g. image_zoom_in, python, search")
+    run.add_argument("--args", required=True, help='arguments as JSON, e.g. \'{"bbox_2d": [0, 0, 500, 500]}\'')
+    run.add_argument("--image", action="append", default=[], help="an image of the question (repeatable)")
+    run.add_argument("--out", default="tool_outputs", help="folder for images the tool returns (default: tool_outputs)")
+    _add_config_args(run)
+    run.set_defaults(handler=_tools_run)
     return parser
 
 
@@ -92,7 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``axpo`` console script; returns the process exit code."""
     from axpo_nemo.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`run NAME --args … key=value`), which argparse leaves unparsed.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.handler(args)
     except ConfigError as exc:

@@ -65,3 +65,48 @@ def test_console_script_runs_as_a_process():
     assert done.returncode == 2
     assert "unknown config key 'axpo.rr'" in done.stderr and "did you mean 'axpo.r'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_tools_list_prints_enabled_schemas(capsys):
+    assert main(["tools", "list", "tools.enabled=[image_zoom_in]"]) == 0
+    out = capsys.readouterr().out
+    assert '"name": "image_zoom_in"' in out and '"name": "python"' not in out
+
+
+def test_tools_run_shows_the_observation_and_saves_images(tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "question.png"
+    Image.new("RGB", (600, 400), "red").save(image)
+    args = ["tools", "run", "image_zoom_in", "--args", '{"bbox_2d": [0, 0, 500, 500]}']
+    assert main([*args, "--image", str(image), "--out", str(tmp_path / "out"), "tools.enabled=[image_zoom_in]"]) == 0
+    out = capsys.readouterr().out
+    assert "status: ok" in out and "<tool_response>" in out and "<|image_pad|>" in out
+    saved = Image.open(tmp_path / "out" / "observation_0.png")
+    assert saved.size == (336, 224)  # 300x200 px crop upscaled to a 224 px short side
+
+
+def test_tools_run_reports_error_observations(tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "q.png"
+    Image.new("RGB", (64, 64)).save(image)
+    zoom = ["tools", "run", "image_zoom_in", "--image", str(image), "--out", str(tmp_path), "tools.enabled=[image_zoom_in]"]
+    assert main([*zoom[:3], "--args", '{"bbox_2d": [1, 2,}', *zoom[3:]]) == 1
+    out = capsys.readouterr().out
+    assert "error (malformed_json)" in out and "Error:" in out
+    assert main([*zoom[:3], "--args", '{"bbox_2d": [900, 900, 10, 10]}', *zoom[3:]]) == 1
+    assert "error (bad_arguments)" in capsys.readouterr().out
+    assert main(["tools", "run", "python", "--args", "{}", "tools.enabled=[image_zoom_in]"]) == 2
+    assert "not enabled" in capsys.readouterr().err
+    assert main([*zoom[:3], "--args", "{}", "--image", str(tmp_path / "missing.png"), "tools.enabled=[image_zoom_in]"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_search_tool_needs_a_backend_named_by_config():
+    from axpo_nemo.agent.tools.registry import build_tools
+    from axpo_nemo.config import load_config
+
+    cfg = load_config("demo", ["tools.enabled=[search]"])
+    with pytest.raises(ValueError, match=r"tools\.search.*corpus_path"):
+        build_tools(cfg.tools)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from axpo_nemo.agent.tools.registry import ToolsConfig
 from axpo_nemo.core.config import AdvantageConfig, AXPOConfig, LossConfig, setting
 
 
@@ -81,6 +82,7 @@ class Config:
     output_dir: str = setting("runs/axpo", "Where the run writes checkpoints, metrics and plots.")
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     axpo: AXPOConfig = field(default_factory=AXPOConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,10 +53,14 @@ def field_errors(obj: Any, prefix: str = "", schema: type | None = None) -> list
         key = f"{prefix}{f.name}"
         if value is None:
             continue
-        if meta.get("choices") is not None and value not in meta["choices"]:
-            allowed = ", ".join(str(c) for c in meta["choices"])
-            errors.append(f"{key}: must be one of {allowed} (got {value!r})")
-            continue
+        if meta.get("choices") is not None:
+            # For a list field the choices constrain each element.
+            items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+            bad = [v for v in items if v not in meta["choices"]]
+            if bad:
+                allowed = ", ".join(str(c) for c in meta["choices"])
+                errors.append(f"{key}: must be one of {allowed} (got {bad[0]!r})")
+                continue
         if isinstance(value, int | float) and not isinstance(value, bool):
             if isinstance(value, float) and math.isnan(value):
                 errors.append(f"{key}: must be a number (got nan)")

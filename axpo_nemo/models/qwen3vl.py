@@ -36,6 +36,7 @@ __all__ = [
     "TinyQwen3VL",
     "build_tiny_processor",
     "build_tiny_qwen3vl",
+    "load_processor",
     "load_qwen3vl",
     "save_pretrained_bundle",
     "tiny_qwen3vl_config",
@@ -241,7 +242,7 @@ def build_tiny_qwen3vl(
     return PolicyBundle(model=model, processor=processor, tokenizer=tokenizer, config=model.config)
 
 
-def _load_processor(path: Path) -> Qwen3VLProcessor:
+def load_processor(path: Path) -> Qwen3VLProcessor:
     """Load the checkpoint's processor, falling back to the image+text one when video support fails."""
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
@@ -294,7 +295,7 @@ def load_qwen3vl(
         raise FileNotFoundError(
             f"no config.json in checkpoint directory {path} (is it a Hugging Face model folder?)"
         )
-    processor = _load_processor(path)
+    processor = load_processor(path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, local_files_only=True, dtype=dtype if dtype is not None else "auto"
     )

@@ -68,7 +68,7 @@ class SearchConfig(ValidatedConfig):
         "http: send requests through the proxy named by http_proxy/https_proxy (off: connect directly).",
     )
     passage_chars: int = setting(600, "Each passage's text is truncated to this many characters.", ge=20)
-    max_query_chars: int = setting(500, "Longer queries are truncated to this many characters.", ge=1)
+    max_query_chars: int = setting(500, "Longest query accepted (after collapsing whitespace); longer is an error.", ge=1)
     k1: float = setting(1.5, "bm25: term-frequency saturation k1.", ge=0.0)
     b: float = setting(0.75, "bm25: document-length normalisation b.", ge=0.0, le=1.0)
 
@@ -575,7 +575,12 @@ class SearchTool:
         if not isinstance(query, str) or not query.strip():
             got = "nothing" if query is None else f"{type(query).__name__} {query!r}"[:80]
             return ToolResult.failure("bad_arguments", f"query must be a non-empty string, got {got}.")
-        query = " ".join(query.split())[: cfg.max_query_chars]
+        query = " ".join(query.split())
+        if len(query) > cfg.max_query_chars:
+            return ToolResult.failure(
+                "bad_arguments",
+                f"query is {len(query):,} characters long; keep it under {cfg.max_query_chars} (a few keywords).",
+            )
         top_k = arguments.get("top_k")
         if top_k is None:
             top_k = cfg.top_k

@@ -1,0 +1,89 @@
+"""Which tools an agent gets, built from the config's ``tools:`` section."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from axpo_nemo.agent.sandbox.config import SandboxConfig
+from axpo_nemo.agent.tools.base import Tool
+from axpo_nemo.agent.tools.python_tool import PythonTool
+from axpo_nemo.agent.tools.search import SearchConfig, SearchTool
+from axpo_nemo.agent.tools.zoom import ImageZoomTool, ZoomConfig
+from axpo_nemo.core.config import ValidatedConfig, setting
+
+TOOL_NAMES = ("image_zoom_in", "python", "search")
+
+
+@dataclass
+class ToolsConfig(ValidatedConfig):
+    """The agent's tools and how their calls run."""
+
+    enabled: list[str] = setting(
+        ["image_zoom_in", "python"],
+        "Tools declared to the model and executable. 'search' also needs tools.search.corpus_path "
+        "(BM25) or tools.search.url (HTTP retriever).",
+        choices=TOOL_NAMES,
+    )
+    timeout_s: float = setting(
+        30.0, "Wall-clock limit of one tool call in the agent loop (the sandbox has its own).", gt=0.0
+    )
+    workers: int = setting(16, "Tool calls run at the same time at most.", ge=1)
+    zoom: ZoomConfig = field(default_factory=ZoomConfig)
+    python: SandboxConfig = field(default_factory=SandboxConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+
+class Toolbox(Mapping[str, Tool]):
+    """The enabled tools by name; closing it stops the python sandbox's worker pool."""
+
+    def __init__(self, tools: Mapping[str, Tool]) -> None:
+        self._tools = dict(tools)
+
+    def __getitem__(self, name: str) -> Tool:
+        return self._tools[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tools)
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def schemas(self) -> list[dict]:
+        """The enabled tools' function schemas, for the system prompt."""
+        return [tool.schema() for tool in self._tools.values()]
+
+    def close(self) -> None:
+        """Release what the tools hold (the sandbox pool)."""
+        for tool in self._tools.values():
+            close = getattr(tool, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> Toolbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_tools(cfg: ToolsConfig) -> Toolbox:
+    """The tools ``cfg.enabled`` names, configured from their sections.
+
+    The python tool's sandbox pool starts on its first call; close the toolbox when done.
+    """
+    unknown = [name for name in cfg.enabled if name not in TOOL_NAMES]
+    if unknown:
+        raise ValueError(f"tools.enabled: unknown tool {unknown[0]!r}; choose from {', '.join(TOOL_NAMES)}")
+    tools: dict[str, Tool] = {}
+    for name in cfg.enabled:
+        if name == "image_zoom_in":
+            tools[name] = ImageZoomTool(cfg.zoom)
+        elif name == "python":
+            tools[name] = PythonTool(config=cfg.python)
+        else:
+            try:
+                tools[name] = SearchTool(cfg=cfg.search)
+            except ValueError as exc:  # e.g. no corpus_path for bm25: name the config keys
+                raise ValueError(f"tools.search: {exc} (set tools.search.corpus_path or tools.search.url)") from exc
+    return Toolbox(tools)

@@ -1,0 +1,700 @@
+"""The python sandbox: an adversarial corpus, good cases, concurrency, worker replacement and
+lifecycle. Limits are small (1.5 s wall, 1 s CPU, 256 MiB) so the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from axpo_nemo.agent.sandbox import Confinement, SandboxConfig, SandboxError, SandboxPool, _linux
+
+pytestmark = pytest.mark.timeout(120)
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 1.5
+LIMITS = dict(
+    timeout_s=TIMEOUT_S,
+    cpu_time_s=1,
+    memory_mb=256,
+    max_processes=16,
+    max_file_mb=4,
+    max_disk_mb=16,
+    max_output_bytes=4096,
+    output_kill_bytes=1 << 20,
+    max_images=4,
+    max_image_pixels=256 * 256,
+)
+ALL_MECHANISMS = [
+    "user_namespace",
+    "pid_namespace",
+    "net_namespace",
+    "mount_namespace",
+    "setuid",
+    "landlock",
+    "seccomp",
+]
+
+
+def config(**overrides: object) -> SandboxConfig:
+    """The test limits with ``overrides``."""
+    return SandboxConfig(**{"pool_size": 3, **LIMITS, **overrides})  # type: ignore[arg-type]
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` with its mode, size, mtime and content hash."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        state[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return state
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def can_unshare(flags: int) -> bool:
+    """Whether a child of this process may create these namespaces (checked independently)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if os.geteuid() != 0:
+                _linux.unshare(_linux.CLONE_NEWUSER)
+            _linux.unshare(flags)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    return os.waitpid(pid, 0)[1] == 0
+
+
+def zombie_children() -> list[int]:
+    """This process's children that exited and were not reaped."""
+    kids = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            kids += [int(p) for p in f.read().split()]
+    return [pid for pid in kids if not alive(pid) and os.path.exists(f"/proc/{pid}")]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(config()) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def victim():
+    """A world-writable directory outside the sandbox (so only confinement, not file permissions,
+    protects it) with its snapshot; checked unchanged after every adversarial case."""
+    root = Path(tempfile.mkdtemp(prefix="axpo-victim-"))
+    (root / "keep.txt").write_text("precious\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "data.bin").write_bytes(os.urandom(64))
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    before = snapshot(root)
+    try:
+        yield root, before
+        assert snapshot(root) == before
+    finally:
+        shutil.rmtree(root)
+
+
+@pytest.fixture(scope="module")
+def listener():
+    """A TCP server on the host's loopback that sandboxed code must not reach."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.setblocking(False)
+    yield server
+    server.close()
+
+
+@dataclass(frozen=True)
+class Case:
+    """Adversarial code and the failures it may end with (more than one where tiers differ)."""
+
+    name: str
+    code: str
+    expected: tuple[str, ...]
+    needs: str | None = None  # a mechanism the expectation relies on
+    stdout: str | None = None  # the exact stdout, when it matters
+
+
+ADVERSARIAL = [
+    # runaway time
+    Case("infinite_loop", "while True: pass", ("cpu", "timeout")),
+    Case("sleep_forever", "import time; time.sleep(10**6)", ("timeout",)),
+    Case(
+        "print_then_hang",
+        "print('started')\nimport time\nwhile True: time.sleep(0.01)",
+        ("timeout",),
+        stdout="started\n",  # output before the kill is kept
+    ),
+    Case(
+        "ignore_signals",
+        "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGXCPU, signal.SIGHUP, signal.SIGALRM):\n"
+        "    signal.signal(s, signal.SIG_IGN)\nwhile True: pass",
+        ("cpu", "timeout"),
+    ),
+    # processes
+    Case("fork_bomb", "import os\nwhile True: os.fork()", ("exception", "timeout", "cpu"), needs="setuid"),
+    Case(
+        "fork_bomb_persistent",
+        "import os\nwhile True:\n    try: os.fork()\n    except OSError: pass",
+        ("timeout", "cpu", "memory"),
+        needs="setuid",
+    ),
+    Case(
+        "thread_bomb",
+        "import threading, time\nfor _ in range(10**4): threading.Thread(target=time.sleep, args=(100,)).start()",
+        ("exception",),
+        needs="setuid",
+    ),
+    Case("subprocess_run", "import subprocess; subprocess.run(['ls', '/'])", ("exception",)),
+    Case("subprocess_sleep", "import subprocess; subprocess.Popen(['sleep', '1000']).wait()", ("exception",)),
+    Case("os_system", "import os, sys; sys.exit(os.system('echo pwned > @TMPFILE@'))", ("exit", "exception")),
+    Case(
+        "exec_python",
+        "import os, sys; os.execv(sys.executable, [sys.executable, '-c', 'print(1)'])",
+        ("exception",),
+    ),
+    Case("setsid_escape", "import os; os.setsid()", ("exception",)),
+    # memory
+    Case("bytearray_bomb", "x = bytearray(10**10)", ("memory",)),
+    Case("list_growth", "x = []\nwhile True: x.append(' ' * 10**6)", ("memory",)),
+    Case("numpy_bomb", "import numpy as np; a = np.ones((10**5, 10**5))", ("memory",)),
+    Case(
+        "memory_across_processes",
+        "import os, time\nfor _ in range(10):\n    if os.fork() == 0:\n"
+        "        x = bytearray(100 * 2**20); time.sleep(30)\ntime.sleep(30)",
+        ("memory",),
+    ),
+    # files outside the working directory
+    Case("write_tmp", "open('@TMPFILE@', 'w').write('x')", ("exception",)),
+    Case("write_repo", "open('@REPOFILE@', 'w').write('x')", ("exception",)),
+    Case("write_home", "open('@HOMEFILE@', 'w').write('x')", ("exception",)),
+    Case("write_victim", "open('@VICTIM@/new.txt', 'w').write('x')", ("exception",)),
+    Case("append_victim", "open('@VICTIM@/keep.txt', 'a').write('x')", ("exception",)),
+    Case("truncate_victim", "import os; os.truncate('@VICTIM@/keep.txt', 0)", ("exception",)),
+    Case("delete_victim", "import os; os.remove('@VICTIM@/keep.txt')", ("exception",)),
+    Case("rmtree_victim", "import shutil; shutil.rmtree('@VICTIM@')", ("exception",)),
+    Case("rename_victim", "import os; os.rename('@VICTIM@/keep.txt', 'stolen.txt')", ("exception",)),
+    Case("chmod_victim", "import os; os.chmod('@VICTIM@/keep.txt', 0)", ("exception",)),
+    Case("touch_victim", "import os; os.utime('@VICTIM@/keep.txt', (0, 0))", ("exception",)),
+    Case(
+        "symlink_escape",
+        "import os; os.symlink('@VICTIM@/keep.txt', 'l'); open('l', 'w').write('x')",
+        ("exception",),
+    ),
+    Case("hardlink_escape", "import os; os.link('@VICTIM@/keep.txt', 'l')", ("exception",)),
+    Case("chdir_escape", "import os; os.chdir('@VICTIM@'); open('new.txt', 'w').write('x')", ("exception",)),
+    Case("dev_shm", "open('/dev/shm/@UNIQUE@', 'w').write('x')", ("exception",)),
+    Case("read_shadow", "print(open('/etc/shadow').read())", ("exception",), needs="landlock"),
+    Case("read_trainer_environ", "print(open('/proc/@MAINPID@/environ').read())", ("exception",)),
+    Case("huge_file", "open('big', 'wb').write(b'x' * (5 * 2**20))", ("exception",)),
+    Case(
+        "fill_disk",
+        "for i in range(100): open(f'f{i}', 'wb').write(b'x' * (3 * 2**20))",
+        ("exception",),
+        needs="mount_namespace",
+    ),
+    Case("too_many_open_files", "fs = [open('/dev/null') for _ in range(10**5)]", ("exception",)),
+    # network
+    Case(
+        "connect_localhost",
+        "import socket; socket.create_connection(('127.0.0.1', @PORT@), timeout=1)",
+        ("exception",),
+    ),
+    Case(
+        "connect_external",
+        "import socket; socket.create_connection(('1.1.1.1', 80), timeout=5)",
+        ("exception",),
+    ),
+    Case(
+        "udp_external",
+        "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('1.1.1.1', 53))",
+        ("exception",),
+    ),
+    Case("dns_lookup", "import socket; socket.getaddrinfo('example.com', 443)", ("exception",)),
+    Case(
+        "http_get",
+        "import urllib.request; urllib.request.urlopen('http://1.1.1.1', timeout=5)",
+        ("exception",),
+    ),
+    Case("raw_socket", "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)", ("exception",)),
+    # output floods
+    Case("stdout_flood", "while True: print('x' * 1000)", ("output_limit",)),
+    Case("stderr_flood", "import sys\nwhile True: sys.stderr.write('e' * 10000)", ("output_limit",)),
+    Case("one_huge_write", "import sys; sys.stdout.write('x' * (50 * 10**6))", ("output_limit",)),
+    Case(
+        "binary_flood",
+        "import os, sys\nwhile True: sys.stdout.buffer.write(os.urandom(65536))",
+        ("output_limit",),
+    ),
+    # killing itself or others
+    Case("kill_self", "import os; os.kill(os.getpid(), 9)", ("signal",)),
+    Case("os_exit", "import os; os._exit(3)", ("exit",)),
+    Case("sys_exit", "import sys; sys.exit(2)", ("exit",)),
+    Case("sys_exit_256", "import sys; sys.exit(256)", ("exit",)),
+    Case("sys_exit_message", "import sys; sys.exit('bye')", ("exit",)),
+    Case("kill_parent", "import os; os.kill(os.getppid(), 9)", ("exception", "signal")),
+    Case("kill_everyone", "import os; os.kill(-1, 9)\nraise SystemExit(5)", ("exception", "exit", "signal")),
+    Case("kill_zygote", "import os; os.kill(@ZYGOTE@, 9)", ("exception",)),
+    Case("kill_trainer", "import os; os.kill(@MAINPID@, 9)", ("exception",)),
+    Case(
+        "close_pipes", "import os\nfor fd in (1, 2, 3): os.close(fd)\nraise ValueError", ("exit", "exception")
+    ),
+    # privilege and kernel surface
+    Case("ptrace", "import ctypes; assert ctypes.CDLL(None).ptrace(16, 1, 0, 0) == 0", ("exception",)),
+    Case(
+        "mount",
+        "import ctypes; assert ctypes.CDLL(None).mount(b'none', b'/mnt', b'tmpfs', 0, None) == 0",
+        ("exception",),
+    ),
+    Case(
+        "new_user_namespace",
+        "import ctypes; assert ctypes.CDLL(None).unshare(0x10000000) == 0",
+        ("exception",),
+    ),
+    Case("raise_rlimit", "import resource; resource.setrlimit(resource.RLIMIT_AS, (-1, -1))", ("exception",)),
+    Case("become_root", "import os; os.setuid(0)", ("exception",), needs="setuid"),
+    Case("ctypes_segfault", "import ctypes; ctypes.string_at(0)", ("crash", "exception")),
+    # plain errors
+    Case("recursion_bomb", "def f(): return f()\nf()", ("exception",)),
+    Case("syntax_error", "def (:", ("exception",)),
+    Case("null_byte", "print(1)\x00", ("exception",)),
+    Case("exception_traceback", "raise ValueError('boom')", ("exception",)),
+    Case("huge_exception_message", "raise ValueError('x' * 10**7)", ("exception",)),
+    Case("input_eof", "x = input('? ')", ("exception",)),
+    Case("heavy_import", "import torch", ("exception",)),
+    Case("heavy_import_submodule", "from transformers import AutoModel", ("exception",)),
+    Case("closed_stdout", "import sys; sys.stdout.close(); print(1)", ("exception",)),
+]
+
+
+def fill(code: str, tokens: dict[str, str]) -> str:
+    for key, value in tokens.items():
+        code = code.replace(f"@{key}@", value)
+    return code
+
+
+def run_case(pool: SandboxPool, case: Case, victim_dir: Path, port: int) -> None:
+    """Run one adversarial case and check the error kind, the time and that nothing leaked."""
+    if case.needs and case.needs not in pool.confinement:
+        pytest.skip(f"relies on {case.needs}, not active here")
+    unique = f"axpo-evil-{uuid.uuid4().hex}"
+    tokens = {
+        "TMPFILE": f"/tmp/{unique}",
+        "REPOFILE": str(REPO / unique),
+        "HOMEFILE": os.path.join(os.path.expanduser("~"), unique),
+        "VICTIM": str(victim_dir),
+        "UNIQUE": unique,
+        "PORT": str(port),
+        "MAINPID": str(os.getpid()),
+        "ZYGOTE": str(pool.zygote_pid),
+    }
+    start = time.monotonic()
+    result = pool.run(fill(case.code, tokens))
+    elapsed = time.monotonic() - start
+    assert result.failure in case.expected, (result.failure, result.stdout[-300:], result.stderr[-1500:])
+    if case.stdout is not None:
+        assert result.stdout == case.stdout
+    assert elapsed < TIMEOUT_S + 3.0
+    assert len(result.stdout) < 2 * 4096 + 200 and len(result.stderr) < 2 * 4096 + 200
+    for key in ("TMPFILE", "REPOFILE", "HOMEFILE"):
+        assert not os.path.exists(tokens[key]), f"{case.name} created {tokens[key]}"
+    assert not os.path.exists(f"/dev/shm/{unique}")
+
+
+@pytest.mark.parametrize("case", ADVERSARIAL, ids=[c.name for c in ADVERSARIAL])
+def test_adversarial_code_fails_cleanly(pool, victim, listener, case):
+    victim_dir, before = victim
+    run_case(pool, case, victim_dir, listener.getsockname()[1])
+    assert snapshot(victim_dir) == before
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nothing connected to the host's loopback
+    after = pool.run("print(7)")
+    assert after.ok and after.stdout == "7\n"  # and the pool still works
+    assert alive(pool.zygote_pid)
+
+
+def test_corpus_is_large_and_named_uniquely():
+    assert len(ADVERSARIAL) >= 40
+    assert len({c.name for c in ADVERSARIAL}) == len(ADVERSARIAL)
+
+
+def test_external_connect_fails_fast(pool):
+    start = time.monotonic()
+    result = pool.run("import socket; socket.create_connection(('1.1.1.1', 80), timeout=30)")
+    assert result.failure == "exception"
+    assert time.monotonic() - start < 1.5
+
+
+def test_exception_tracebacks_point_at_the_code(pool):
+    result = pool.run("def f(x):\n    return 1 / x\n\nf(0)")
+    assert result.failure == "exception" and result.error_type == "ZeroDivisionError"
+    assert 'File "<code>", line 2, in f' in result.stderr
+    assert "return 1 / x" in result.stderr
+    assert "_runner" not in result.stderr
+
+
+def test_output_is_cut_to_head_and_tail(pool):
+    result = pool.run("print('HEAD' + 'x' * 100_000 + 'TAIL')")
+    assert result.ok
+    assert result.stdout.startswith("HEAD") and result.stdout.rstrip().endswith("TAIL")
+    assert result.stdout_omitted > 90_000 and "bytes of output omitted" in result.stdout
+
+
+def test_background_processes_end_with_the_call(pool):
+    code = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\nprint('parent done')"
+    assert pool.run(code).stdout == "parent done\n"
+    for pid in pool.worker_pids():
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            assert f.read().split() == []
+
+
+def test_timeout_argument_shortens_the_limit(pool):
+    start = time.monotonic()
+    result = pool.run("import time; time.sleep(60)", timeout_s=0.5)
+    assert result.failure == "timeout"
+    assert time.monotonic() - start < 1.5
+
+
+# --- the confinement on degraded hosts -----------------------------------------------------
+
+DEGRADED = {
+    # An unprivileged container: no namespaces, no root.
+    "landlock_seccomp_only": [
+        "user_namespace",
+        "pid_namespace",
+        "net_namespace",
+        "mount_namespace",
+        "setuid",
+    ],
+    # Nothing but rlimits: the in-interpreter audit guard.
+    "audit_guard_only": ALL_MECHANISMS,
+}
+DEGRADED_CASES = [
+    c
+    for c in ADVERSARIAL
+    if c.name
+    in {
+        "infinite_loop",
+        "subprocess_run",
+        "bytearray_bomb",
+        "memory_across_processes",
+        "write_tmp",
+        "write_victim",
+        "delete_victim",
+        "rename_victim",
+        "connect_localhost",
+        "udp_external",
+        "stdout_flood",
+        "kill_parent",
+        "kill_everyone",
+        "kill_trainer",
+        "kill_zygote",
+        "exception_traceback",
+    }
+]
+
+
+@pytest.fixture(scope="module", params=sorted(DEGRADED))
+def degraded_pool(request):
+    with SandboxPool(config(pool_size=2, disable=DEGRADED[request.param])) as p:
+        yield p
+
+
+def test_degraded_pool_reports_what_it_lacks(degraded_pool):
+    conf = degraded_pool.confinement
+    assert "rlimits" in conf and not {"pid_namespace", "setuid"} & set(conf.mechanisms)
+    assert conf.unavailable["setuid"] in ("disabled", "needs root")
+    assert conf.level in ("partial", "weak", "strong")
+
+
+@pytest.mark.parametrize("case", DEGRADED_CASES, ids=[c.name for c in DEGRADED_CASES])
+def test_degraded_confinement_still_contains_code(degraded_pool, victim, listener, case):
+    victim_dir, before = victim
+    run_case(degraded_pool, case, victim_dir, listener.getsockname()[1])
+    assert snapshot(victim_dir) == before
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+    assert degraded_pool.run("print(7)").stdout == "7\n"
+
+
+# --- good cases ------------------------------------------------------------------------------
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    img = Image.new("RGB", (width, height))
+    img.putdata([(x % 256, y % 256, 128) for y in range(height) for x in range(width)])
+    return img
+
+
+def test_print_and_numpy(pool):
+    result = pool.run("import numpy as np\nprint('hello')\nprint(np.arange(10).reshape(2, 5).sum(axis=1))")
+    assert result.ok and result.exit_code == 0
+    assert result.stdout == "hello\n[10 35]\n" and result.stderr == ""
+
+
+def test_crop_of_preloaded_image_comes_back(pool):
+    img = gradient(64, 48)
+    result = pool.run("print(image.size, len(images))\nshow(image.crop((10, 5, 30, 25)))", images=[img])
+    assert result.ok, result.stderr
+    assert result.stdout == "(64, 48) 1\n"
+    assert len(result.images) == 1 and result.images[0].size == (20, 20)
+    assert result.images[0].convert("RGB").getpixel((0, 0)) == img.getpixel((10, 5))
+
+
+def test_several_images_are_preloaded_in_order(pool):
+    images = [gradient(8, 4), Image.new("L", (5, 7), 200), Image.new("P", (3, 3))]
+    code = "print([im.size for im in images], image_1.size, image_2.mode, image_3.mode, image is image_1)"
+    result = pool.run(code, images=images)
+    assert result.stdout == "[(8, 4), (5, 7), (3, 3)] (8, 4) L RGB True\n"
+
+
+def test_no_images_means_image_is_none(pool):
+    assert pool.run("print(image, images)").stdout == "None []\n"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()",
+        "fig, ax = plt.subplots()\nax.imshow(np.zeros((4, 4)))",  # left open: returned at the end
+        "plt.plot([1, 2])\nplt.savefig('plot.png')\nplt.close('all')",  # saved file
+        "show(np.linspace(0, 1, 100).reshape(10, 10))",  # a float array
+        "Image.new('RGB', (20, 10), 'red').save('red.jpg')",
+    ],
+    ids=["plt_show", "open_figure", "savefig_file", "numpy_array", "saved_jpeg"],
+)
+def test_produced_images_are_returned(pool, code):
+    result = pool.run(code)
+    assert result.ok, result.stderr
+    assert len(result.images) == 1 and result.images_dropped == 0
+    assert result.images[0].width * result.images[0].height <= LIMITS["max_image_pixels"]
+
+
+def test_giant_image_is_downscaled(pool):
+    result = pool.run("show(Image.new('RGB', (4000, 1000), 'blue'))")
+    assert result.ok and len(result.images) == 1
+    w, h = result.images[0].size
+    assert w * h <= LIMITS["max_image_pixels"] and abs(w / h - 4) < 0.1
+
+
+def test_image_count_is_capped(pool):
+    result = pool.run("for i in range(10): show(Image.new('L', (8, 8), i))")
+    assert result.ok
+    assert len(result.images) == LIMITS["max_images"] and result.images_dropped == 6
+
+
+def test_forged_result_frames_are_ignored(pool):
+    code = textwrap.dedent(
+        """
+        import os, struct
+        png = b'\\x89PNG\\r\\n\\x1a\\n' + struct.pack('>I', 13) + b'IHDR' + struct.pack('>II', 100000, 100000)
+        os.write(3, b'I' + struct.pack('!I', len(png)) + png)
+        os.write(3, b'S' + struct.pack('!I', 5) + b'{"x":')
+        """
+    )
+    result = pool.run(code)
+    assert result.ok and result.images == [] and result.images_dropped == 1
+
+
+def test_non_utf8_output_is_replaced(pool):
+    result = pool.run("import sys; sys.stdout.buffer.write(b'ok \\xff\\xfe end\\n')")
+    assert result.ok and result.stdout == "ok \ufffd\ufffd end\n"
+
+
+def test_unicode_and_stderr_warnings(pool):
+    result = pool.run("import warnings\nprint('héllo ✓')\nwarnings.warn('careful')")
+    assert result.ok and result.stdout == "héllo ✓\n" and "careful" in result.stderr
+
+
+def test_files_in_the_working_directory_work_within_a_call(pool):
+    code = (
+        "import os\nassert os.listdir('.') == []\nopen('notes.txt', 'w').write('abc')\n"
+        "print(open('notes.txt').read(), os.path.getsize('notes.txt'))\nimport tempfile\n"
+        "with tempfile.NamedTemporaryFile() as f: print(f.name.startswith(os.getcwd()))"
+    )
+    result = pool.run(code)
+    assert result.ok, result.stderr
+    assert result.stdout == "abc 3\nTrue\n"
+
+
+def test_state_does_not_leak_between_calls(pool):
+    setup = (
+        "import os, sys, numpy as np\nleaked = 1\nopen('left.txt', 'w').write('x')\nos.environ['LEAK'] = '1'\n"
+        "np.pi = 3\nsys.modules['leaky'] = sys\nimage.putpixel((0, 0), (1, 2, 3))"
+    )
+    check = (
+        "import os, sys, numpy as np\nprint('leaked' in globals(), os.listdir('.'), 'LEAK' in os.environ,\n"
+        "      round(np.pi, 2), 'leaky' in sys.modules, image.getpixel((0, 0)))"
+    )
+    img = Image.new("RGB", (4, 4), (9, 9, 9))
+    for _ in range(2 * pool.config.pool_size):  # every worker
+        assert pool.run(setup, images=[img]).ok
+    for _ in range(2 * pool.config.pool_size):
+        assert pool.run(check, images=[img]).stdout == "False [] False 3.14 False (9, 9, 9)\n"
+    assert img.getpixel((0, 0)) == (9, 9, 9)
+
+
+def test_environment_is_scrubbed(pool):
+    result = pool.run("import os; print(' '.join(sorted(os.environ)))")
+    assert result.ok
+    allowed = {"PATH", "HOME", "TMPDIR", "PWD", "LANG", "LC_ALL", "MPLBACKEND", "MPLCONFIGDIR"}
+    allowed |= {"PYTHONDONTWRITEBYTECODE", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"}
+    allowed |= {"NUMEXPR_NUM_THREADS", "MALLOC_ARENA_MAX"}
+    assert set(result.stdout.split()) <= allowed
+
+
+# --- concurrency, replacement, confinement report, lifecycle ----------------------------------
+
+
+def test_64_concurrent_calls_finish(pool):
+    def call(i: int):
+        code = "while True: pass" if i % 16 == 0 else f"print({i} * 2)"
+        return i, pool.run(code)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(64) as ex:
+        results = dict(ex.map(call, range(64)))
+    elapsed = time.monotonic() - start
+    assert sorted(results) == list(range(64))
+    for i, result in results.items():
+        if i % 16 == 0:
+            assert result.failure in ("cpu", "timeout")
+        else:
+            assert result.ok and result.stdout == f"{i * 2}\n"
+    assert elapsed < 30
+
+
+def test_killed_workers_are_replaced(pool):
+    victims = pool.worker_pids()[:2]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    results = [pool.run(f"print({i})") for i in range(2 * pool.config.pool_size)]
+    assert all(r.ok and r.stdout == f"{i}\n" for i, r in enumerate(results))
+    assert not set(victims) & set(pool.worker_pids())
+    assert len(pool.worker_pids()) == pool.config.pool_size
+
+
+def test_killed_zygote_is_restarted():
+    with SandboxPool(config(pool_size=2)) as p:
+        old = p.zygote_pid
+        os.kill(old, signal.SIGKILL)
+        for pid in p.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        assert [p.run(f"print({i})").stdout for i in range(3)] == ["0\n", "1\n", "2\n"]
+        assert p.zygote_pid != old
+
+
+def test_confinement_is_reported_and_logged_once(caplog):
+    with (
+        caplog.at_level(logging.INFO, logger="axpo_nemo.agent.sandbox"),
+        SandboxPool(config(pool_size=1)) as p,
+    ):
+        conf = p.confinement
+        p.run("print(1)")
+        os.kill(p.worker_pids()[0], signal.SIGKILL)
+        p.run("print(1)")
+    records = [r for r in caplog.records if "confinement" in r.getMessage()]
+    assert len(records) == 1
+    assert isinstance(conf, Confinement) and conf.describe() in records[0].getMessage()
+    assert "rlimits" in conf and conf.level in ("strong", "partial", "weak")
+    assert records[0].levelno == (logging.INFO if conf.level == "strong" else logging.WARNING)
+    if _linux.landlock_abi():
+        assert "landlock" in conf and conf.filesystem == "landlock"
+    if os.geteuid() == 0:
+        assert "setuid" in conf
+    if can_unshare(_linux.CLONE_NEWPID | _linux.CLONE_NEWNET | _linux.CLONE_NEWNS):
+        assert {"pid_namespace", "net_namespace", "mount_namespace"} <= set(conf.mechanisms)
+        assert conf.network == "net_namespace"
+    if _linux.landlock_abi() >= 6 and ("setuid" in conf or "pid_namespace" in conf):
+        assert conf.level == "strong"
+    assert Confinement.from_dict(conf.to_dict()) == conf
+
+
+def test_close_kills_everything_and_removes_temp_dirs():
+    p = SandboxPool(config(pool_size=2))
+    assert p.run("open('x.txt', 'w').write('x')").ok
+    pids = [p.zygote_pid, *p.worker_pids()]
+    workdir = p.workdir
+    assert workdir and os.path.isdir(workdir)
+    # a call in flight when the pool closes returns (or raises) promptly
+    outcome: list[object] = []
+
+    def slow_call() -> None:
+        try:
+            outcome.append(p.run("import time; time.sleep(60)"))
+        except SandboxError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=slow_call)
+    thread.start()
+    time.sleep(0.3)
+    p.close()
+    thread.join(5)
+    assert not thread.is_alive() and outcome
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids)
+    assert not os.path.exists(workdir)
+    assert zombie_children() == []
+    p.close()  # idempotent
+    with pytest.raises(SandboxError):
+        p.run("print(1)")
+
+
+def test_interpreter_exit_cleans_up_without_close(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        from axpo_nemo.agent.sandbox import SandboxConfig, SandboxPool
+        pool = SandboxPool(SandboxConfig(pool_size=2, workdir_root={str(tmp_path)!r}))
+        assert pool.run("print(1)").ok
+        print(pool.zygote_pid, *pool.worker_pids(), flush=True)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    pids = [int(x) for x in out.stdout.split()]
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_validates_its_fields():
+    with pytest.raises(ValueError, match="pool_size"):
+        SandboxConfig(pool_size=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        SandboxConfig(timeout_s=0)
+    with pytest.raises(ValueError, match="disable"):
+        SandboxConfig(disable=["landlock", "selinux"])
