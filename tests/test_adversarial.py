@@ -144,7 +144,10 @@ class _Scripted:
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p): (p.stat().st_size, p.stat().st_mode) for p in root.rglob("*")}
+    # Bytecode caches are written by the trusted side (the sandbox's zygote imports its modules).
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mode) for p in root.rglob("*") if "__pycache__" not in p.parts
+    }
 
 
 @pytest.fixture
