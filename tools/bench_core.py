@@ -2,7 +2,9 @@
 
 Default shape: B=512 questions, N=8 rollouts, K=4, r=0.25, 4,096 tokens per rollout, i.e.
 4,096 originals plus up to 1,024 resampled rows. Prints the median and p90 over repeats for
-`plan_resampling`, `assemble_advantages` and both together (target: under 50 ms).
+`plan_resampling`, `assemble_advantages` and both together (target: under 50 ms), with fresh
+outputs and with reused ``out=`` buffers. Fresh outputs are ~105 MB per call, so on CPU their
+cost is mostly page faults: ``THP_MEM_ALLOC_ENABLE=1`` lets PyTorch back them with huge pages.
 
     python tools/bench_core.py [--questions 512] [--group-size 8] [--k 4] [--tokens 4096]
 """
@@ -10,6 +12,7 @@ Default shape: B=512 questions, N=8 rollouts, K=4, r=0.25, 4,096 tokens per roll
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -124,7 +127,8 @@ def main() -> None:
         f"step: B={args.questions} N={args.group_size} K={args.k} r={args.r} tokens/rollout={args.tokens} "
         f"-> {rows} rows x {width} tokens; triggered groups {int(plan.triggered.sum())}, "
         f"candidates {plan.candidates.numel()}, selected {plan.num_selected}/{plan.budget}; "
-        f"torch threads {torch.get_num_threads()}"
+        f"torch threads {torch.get_num_threads()}; "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
     )
     for name, ms in (
         ("plan_resampling", plan_ms),
