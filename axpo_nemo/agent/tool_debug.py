@@ -1,8 +1,8 @@
 """Run one tool call exactly as training would, for debugging tools (``axpo tools run``).
 
-A scripted generator emits the requested ``<tool_call>`` as the assistant's first turn, and the
-real agent loop parses it, executes it under the loop's timeout, and renders the observation
-tokens. What comes back is what the model would see.
+The requested ``<tool_call>`` is replayed as the assistant's first turn through the real agent
+loop, which parses it, executes it under the loop's timeout and renders the observation tokens.
+What comes back is what the model would see.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
-from axpo_nemo.agent.loop import AgentLoopConfig, Continuation, run_rollouts
-from axpo_nemo.agent.protocol import IM_END, TOOL_CALL_CLOSE, ChatProtocol
+from axpo_nemo.agent.loop import AgentLoopConfig
+from axpo_nemo.agent.protocol import ChatProtocol
+from axpo_nemo.agent.replay import replay
 from axpo_nemo.agent.tools.base import Tool
-from axpo_nemo.agent.trajectory import TrajectoryState
 
 
 @dataclass
@@ -44,23 +43,6 @@ class ToolCallReport:
     fits_budget: bool = True
 
 
-class _ScriptedGenerator:
-    """Emits the given call text in turn 0 and ends turn 1 at once."""
-
-    def __init__(self, protocol: ChatProtocol, call_text: str) -> None:
-        self.call_ids = protocol.tokenizer(call_text, add_special_tokens=False)["input_ids"]
-        self.end_ids = [protocol.token_id(IM_END)]
-
-    def generate(self, states: list[TrajectoryState], params: Any) -> list[Continuation]:
-        out = []
-        for state in states:
-            if state.num_turns == 0:
-                out.append(Continuation(list(self.call_ids), [0.0] * len(self.call_ids), "stop", TOOL_CALL_CLOSE))
-            else:
-                out.append(Continuation(list(self.end_ids), [0.0], "stop", IM_END))
-        return out
-
-
 def run_tool_call(
     protocol: ChatProtocol,
     tools: dict[str, Tool],
@@ -75,8 +57,6 @@ def run_tool_call(
     would, and comes back as the same error observation.
     """
     call_text = f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n</tool_call>'
-    prompt = protocol.build_prompt("Debug a tool call.", images, list(tools.values()))
-    state = TrajectoryState.from_prompt(prompt)
     # No token budget here: the point is to see the whole observation (`fits_budget` reports it).
     loop_cfg = AgentLoopConfig(
         max_turns=2,
@@ -86,7 +66,7 @@ def run_tool_call(
         tool_timeout_s=cfg.tool_timeout_s,
         tool_workers=1,
     )
-    run_rollouts([state], _ScriptedGenerator(protocol, call_text), tools, loop_cfg, protocol=protocol)
+    state = replay(protocol, tools, "Debug a tool call.", images, [call_text], loop_cfg)
     turn = state.turns[0]
     obs_ids = state.token_ids[turn.end : turn.end + turn.observation_len]
     shown = [slot.image.image for slot in state.images if turn.end <= slot.start < turn.end + turn.observation_len]
