@@ -1,0 +1,793 @@
+"""The synthetic multimodal tool task (``axpo data synth``): a small, deterministic dataset on
+which a tiny Qwen3-VL can show what AXPO is about (tool use and accuracy over RL) in minutes.
+
+Six question families, two answerable without tools and four that need one:
+
+========================  ===============  =================  ==================================
+family                    tool             answer type        why
+========================  ===============  =================  ==================================
+``arith_small``           none             math               "What is 3 + 4?": learnable directly
+``color_mc``              none             multiple_choice    dominant colour, 2-4 options:
+                                                              learnable, and guessable (1/k)
+``python_multiply``       python           math               "What is 37 * 41?": out of reach of
+                                                              a tiny model; ``print(37 * 41)``
+                                                              prints the answer
+``python_area``           python           math               pixels of the red rectangle: exact
+                                                              count only by code over ``image``
+``search_fact``           search           short_answer       made-up facts ("capital of
+                                                              Zorblat"): only the corpus knows;
+                                                              the top passage states the answer
+``zoom_digit``            image_zoom_in    multiple_choice    a 3x5-pixel digit in a white box:
+                                                              unreadable at 128 px, readable in
+                                                              the crop
+========================  ===============  =================  ==================================
+
+Tool calls are high-variance by design: an answer is copyable from the observation only when
+the call is exactly right (the operands copied into the code, the colour's RGB triple, the
+entity's name in the query, a box around the label), and a wrong or malformed call yields
+nothing useful, so early on a group's tool-using rollouts are often all wrong, while guessing
+rollouts sometimes win the multiple-choice questions: the situation AXPO's resampling targets.
+
+Everything derives from ``SynthConfig.seed`` through string-seeded `random.Random` streams, so
+the same config gives byte-identical files. Held-out questions are disjoint from the training
+ones by construction: each question has a *key* (its operands, its colour and size, its
+entity…), and a fixed hash of (family, key) puts every key in either the training or the
+held-out partition, never both.
+
+Outputs (`synthesize`): ``sft.jsonl`` (trajectories, `Sample.messages` holds the assistant turns
+only: replaying them through the agent loop recomputes the tool observations), ``rl.jsonl`` and
+``eval.jsonl`` (questions), ``images/*.png``, ``corpus.jsonl`` (the search corpus, for
+``tools.search.corpus_path``) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from axpo_nemo.agent.protocol import format_assistant_turn
+from axpo_nemo.agent.tools.search import STOPWORDS, BM25Backend, Passage, split_title
+from axpo_nemo.core.config import ValidatedConfig, setting
+from axpo_nemo.data.schema import Sample, write_samples
+
+__all__ = [
+    "FAMILIES",
+    "SPLITS",
+    "FamilySpec",
+    "FamilyWeights",
+    "SynthConfig",
+    "SynthResult",
+    "synthesize",
+]
+
+SPLITS = ("sft", "rl", "eval")
+SOURCE = "synth"
+MANIFEST_VERSION = 1
+# One key in EVAL_MODULUS (by a fixed hash) is held out for eval.
+EVAL_MODULUS = 5
+MAX_DRAWS = 5000  # rejection-sampling attempts per question before giving up
+DEDUP_DRAWS = 64  # attempts at an unused key before a repeat is accepted
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A question family: the tool it needs (None: none) and how its answers are checked."""
+
+    name: str
+    tool: str | None
+    answer_type: str
+    description: str
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec
+    for spec in (
+        FamilySpec("arith_small", None, "math", "one-digit addition or subtraction"),
+        FamilySpec("color_mc", None, "multiple_choice", "the image's dominant colour, 2-4 options"),
+        FamilySpec("python_multiply", "python", "math", "product of two two-digit numbers"),
+        FamilySpec("python_area", "python", "math", "pixel area of a coloured rectangle"),
+        FamilySpec("search_fact", "search", "short_answer", "a made-up fact about a made-up country"),
+        FamilySpec("zoom_digit", "image_zoom_in", "multiple_choice", "a tiny digit in a white box"),
+    )
+}
+
+# Exact RGB values, so code can find a colour's pixels by equality.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "purple": (128, 0, 128),
+    "orange": (255, 128, 0),
+}
+# Backgrounds of the area images: never a palette colour.
+NEUTRALS: tuple[tuple[int, int, int], ...] = ((255, 255, 255), (0, 0, 0), (128, 128, 128))
+
+# 3x5 bitmap digits: small enough to be unreadable once the image is shrunk to 128 px.
+DIGIT_GLYPHS: dict[int, tuple[str, ...]] = {
+    0: ("111", "101", "101", "101", "111"),
+    1: ("010", "110", "010", "010", "111"),
+    2: ("111", "001", "111", "100", "111"),
+    3: ("111", "001", "111", "001", "111"),
+    4: ("101", "101", "111", "001", "001"),
+    5: ("111", "100", "111", "001", "111"),
+    6: ("111", "100", "111", "101", "111"),
+    7: ("111", "001", "010", "010", "010"),
+    8: ("111", "101", "111", "101", "111"),
+    9: ("111", "101", "111", "001", "111"),
+}
+
+# search_fact relations (the name is also the query's keyword): question, passage, extra accepted answers.
+RELATIONS: dict[str, dict[str, Any]] = {
+    "capital": {
+        "question": "What is the capital of {e}?",
+        "passage": "The capital of {e} is {v}.",
+        "candidates": (),
+    },
+    "currency": {
+        "question": "What currency is used in {e}?",
+        "passage": "The currency of {e} is the {v}.",
+        "candidates": ("{v}s",),
+    },
+    "river": {
+        "question": "Which river flows through {e}?",
+        "passage": "The main river of {e} is the {v}.",
+        "candidates": ("{v} River",),
+    },
+    "ruler": {
+        "question": "Who rules {e}?",
+        "passage": "The ruler of {e} is Queen {v}.",
+        "candidates": ("Queen {v}",),
+    },
+}
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "qu", "st", "th", "zh")  # fmt: skip
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
+_CODAS = ("", "", "", "n", "r", "l", "x", "sh", "t", "m")
+# Words of the passages: a made-up name equal to one would confuse retrieval.
+_RESERVED = frozenset(
+    w.lower() for spec in RELATIONS.values() for w in re.findall(r"[A-Za-z]{2,}", spec["passage"])
+)
+
+
+@dataclass
+class FamilyWeights(ValidatedConfig):
+    """Relative frequency of each question family (0 switches a family off)."""
+
+    arith_small: float = setting(1.0, "No tool: one-digit addition/subtraction ('What is 3 + 4?').", ge=0.0)
+    color_mc: float = setting(
+        1.0, "No tool: the image's dominant colour as multiple choice (2-4 options).", ge=0.0
+    )
+    python_multiply: float = setting(
+        1.0, "python: product of two two-digit numbers; print(a * b) gives the answer.", ge=0.0
+    )
+    python_area: float = setting(
+        0.75,
+        "python: pixels covered by a coloured rectangle, counted by code over `image`.",
+        ge=0.0,
+    )
+    search_fact: float = setting(
+        1.0, "search: a made-up fact ('capital of Zorblat') stated by the corpus's top passage.", ge=0.0
+    )
+    zoom_digit: float = setting(
+        0.5,
+        "image_zoom_in: a tiny digit in a white box, readable only in a crop (multiple choice; "
+        "keep it a minority: the tiny model reads pixels poorly).",
+        ge=0.0,
+    )
+
+    def as_dict(self) -> dict[str, float]:
+        """Family name → weight, in `FAMILIES` order."""
+        return {name: float(getattr(self, name)) for name in FAMILIES}
+
+
+@dataclass
+class SynthConfig(ValidatedConfig):
+    """Settings of the synthetic multimodal tool task (``axpo data synth``)."""
+
+    seed: int = setting(0, "Seed of everything generated; the same config gives byte-identical files.")
+    num_sft: int = setting(200, "SFT trajectories (sft.jsonl).", ge=0)
+    num_rl: int = setting(64, "RL questions (rl.jsonl).", ge=0)
+    num_eval: int = setting(32, "Held-out evaluation questions (eval.jsonl), disjoint from sft/rl.", ge=0)
+    tool_fraction: float = setting(
+        0.25,
+        "Share of SFT trajectories that call a tool (tool families); the rest are no-tool families. "
+        "RL and eval questions follow the family weights alone.",
+        ge=0.0,
+        le=1.0,
+    )
+    weights: FamilyWeights = field(default_factory=FamilyWeights)
+    image_size: int = setting(
+        256,
+        "Side of the square images in pixels. The tiny processor shrinks images to 128 px, which "
+        "is what makes zoom_digit's 3x5 digit unreadable without a crop.",
+        ge=64,
+        le=2048,
+    )
+    arith_max: int = setting(9, "arith_small: operands range over 0..arith_max.", ge=2, le=99)
+    multiply_min: int = setting(12, "python_multiply: smallest operand.", ge=2)
+    multiply_max: int = setting(99, "python_multiply: largest operand.", ge=3)
+    min_options: int = setting(2, "Multiple-choice questions have at least this many options.", ge=2, le=6)
+    max_options: int = setting(4, "Multiple-choice questions have at most this many options.", ge=2, le=6)
+    corpus_distractors: int = setting(
+        16, "search_fact: extra made-up countries in the corpus that no question asks about.", ge=0
+    )
+
+    def __post_init__(self) -> None:
+        """Check bounds, then that the families can fill the requested splits."""
+        super().__post_init__()
+        if isinstance(self.weights, dict):  # built from a plain mapping (e.g. YAML)
+            self.weights = FamilyWeights(**self.weights)
+        errors = []
+        if self.multiply_min > self.multiply_max:
+            errors.append(f"multiply_min ({self.multiply_min}) must be <= multiply_max ({self.multiply_max})")
+        if self.min_options > self.max_options:
+            errors.append(f"min_options ({self.min_options}) must be <= max_options ({self.max_options})")
+        w = self.weights.as_dict()
+        tool_w = sum(v for k, v in w.items() if FAMILIES[k].tool)
+        plain_w = sum(v for k, v in w.items() if not FAMILIES[k].tool)
+        if (self.num_rl or self.num_eval or self.num_sft) and tool_w + plain_w <= 0:
+            errors.append("weights: at least one family needs a positive weight")
+        if self.num_sft and self.tool_fraction > 0 and tool_w <= 0:
+            errors.append(
+                "tool_fraction > 0 needs a tool family with a positive weight (weights.python_*, ...)"
+            )
+        if self.num_sft and self.tool_fraction < 1 and plain_w <= 0:
+            errors.append(
+                "tool_fraction < 1 needs a no-tool family with a positive weight "
+                "(weights.arith_small, weights.color_mc), or set tool_fraction: 1"
+            )
+        if errors:
+            raise ValueError("SynthConfig: " + "; ".join(errors))
+
+
+@dataclass
+class SynthResult:
+    """What `synthesize` wrote.
+
+    Attributes:
+        out_dir: the output folder.
+        sft_path, rl_path, eval_path: the three sample files.
+        corpus_path: the search corpus (``tools.search.corpus_path``).
+        images_dir: the images folder (sample image paths are relative to ``out_dir``).
+        manifest_path: ``manifest.json``.
+        counts: split → family → number of samples.
+        num_images: images written.
+        num_passages: corpus passages.
+        sft_tool_fraction: the share of SFT trajectories that call a tool.
+        content_hash: sha256 over every file written except the manifest.
+        elapsed_s: generation time.
+    """
+
+    out_dir: Path
+    sft_path: Path
+    rl_path: Path
+    eval_path: Path
+    corpus_path: Path
+    images_dir: Path
+    manifest_path: Path
+    counts: dict[str, dict[str, int]]
+    num_images: int
+    num_passages: int
+    sft_tool_fraction: float
+    content_hash: str
+    elapsed_s: float = 0.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class _Item:
+    """One generated question with its worked solution."""
+
+    key: tuple
+    question: str
+    answer: str
+    thinking: list[str]  # one per assistant turn
+    tool_call: tuple[str, dict[str, Any]] | None = None
+    render: Callable[[], Image.Image] | None = None  # the image, drawn only once the key is accepted
+    options: dict[str, str] = field(default_factory=dict)
+    candidates: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng(*parts: Any) -> random.Random:
+    """An independent, stable random stream for ``parts`` (string seeds hash with sha512)."""
+    return random.Random("|".join(str(p) for p in parts))
+
+
+def _held_out(family: str, key: Any) -> bool:
+    """Whether ``key`` belongs to the held-out (eval) partition: a fixed hash, seed-independent."""
+    digest = hashlib.sha256(f"{family}|{key!r}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % EVAL_MODULUS == 0
+
+
+def _allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split ``total`` over ``weights`` by largest remainder (ties: dict order); zero weights get 0."""
+    active = {k: w for k, w in weights.items() if w > 0}
+    out = dict.fromkeys(weights, 0)
+    if total <= 0 or not active:
+        return out
+    s = sum(active.values())
+    quotas = {k: total * w / s for k, w in active.items()}
+    for k, q in quotas.items():
+        out[k] = math.floor(q)
+    rest = total - sum(out.values())
+    order = sorted(active, key=lambda k: (-(quotas[k] - math.floor(quotas[k])), list(active).index(k)))
+    for k in order[:rest]:
+        out[k] += 1
+    return out
+
+
+def _mc(rng: random.Random, correct: str, others: list[str], cfg: SynthConfig) -> tuple[dict[str, str], str]:
+    """Options ``{letter: text}`` holding ``correct`` and distinct distractors; returns (options, letter)."""
+    k = rng.randint(cfg.min_options, min(cfg.max_options, len(others) + 1))
+    choices = [correct, *rng.sample(others, k - 1)]
+    rng.shuffle(choices)
+    options = {"ABCDEF"[i]: c for i, c in enumerate(choices)}
+    return options, "ABCDEF"[choices.index(correct)]
+
+
+def _with_options(question: str, options: dict[str, str]) -> str:
+    """The question followed by one ``X. text`` line per option."""
+    return question + "".join(f"\n{k}. {v}" for k, v in options.items())
+
+
+def _clutter(
+    draw: ImageDraw.ImageDraw, rng: random.Random, size: int, colors: list, n: int, max_frac: float
+) -> None:
+    """Draw ``n`` random rectangles/ellipses in ``colors``, each at most ``max_frac`` of the side."""
+    for _ in range(n):
+        w = rng.randint(max(2, size // 16), max(3, int(size * max_frac)))
+        h = rng.randint(max(2, size // 16), max(3, int(size * max_frac)))
+        x, y = rng.randint(0, size - w), rng.randint(0, size - h)
+        color = colors[rng.randrange(len(colors))]
+        if rng.random() < 0.5:
+            draw.rectangle((x, y, x + w - 1, y + h - 1), fill=color)
+        else:
+            draw.ellipse((x, y, x + w - 1, y + h - 1), fill=color)
+
+
+# --------------------------------------------------------------------------- families
+
+
+def _arith_small(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
+    """One-digit addition or subtraction (non-negative result): answerable without tools."""
+    a, b = rng.randint(0, cfg.arith_max), rng.randint(0, cfg.arith_max)
+    op = rng.choice("+-")
+    if op == "-" and a < b:
+        a, b = b, a
+    value = a + b if op == "+" else a - b
+    return _Item(
+        key=(a, op, b),
+        question=f"What is {a} {op} {b}?",
+        answer=str(value),
+        thinking=[f"{a} {op} {b} = {value}."],
+        metadata={"operands": [a, b], "op": op},
+    )
+
+
+def _color_mc(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
+    """The dominant colour of an image with smaller shapes in other colours, as multiple choice."""
+    names = list(PALETTE)
+    dominant = rng.choice(names)
+    options, letter = _mc(rng, dominant, [n for n in names if n != dominant], cfg)
+    layout = rng.getrandbits(32)
+    size = cfg.image_size
+
+    def render() -> Image.Image:
+        img = Image.new("RGB", (size, size), PALETTE[dominant])
+        lr = random.Random(layout)
+        others = [PALETTE[n] for n in names if n != dominant]
+        _clutter(ImageDraw.Draw(img), lr, size, others, lr.randint(2, 5), 0.22)
+        return img
+
+    return _Item(
+        key=(dominant, tuple(options.values()), layout),
+        question=_with_options("Which colour covers most of the image?", options),
+        answer=letter,
+        thinking=[f"Most of the image is {dominant}, option {letter}."],
+        render=render,
+        options=options,
+        metadata={"color": dominant},
+    )
+
+
+def _python_multiply(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
+    """The product of two two-digit numbers; ``print(a * b)`` prints the answer."""
+    a, b = rng.randint(cfg.multiply_min, cfg.multiply_max), rng.randint(cfg.multiply_min, cfg.multiply_max)
+    product = a * b
+    return _Item(
+        key=(min(a, b), max(a, b)),  # a * b and b * a are the same question
+        question=f"What is {a} * {b}?",
+        answer=str(product),
+        thinking=[f"{a} * {b} is hard to do in my head. I will use python.", f"Python printed {product}."],
+        tool_call=("python", {"code": f"print({a} * {b})"}),
+        metadata={"operands": [a, b]},
+    )
+
+
+def _python_area(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
+    """The pixel area of a rectangle drawn last (fully visible) in an exact palette colour."""
+    size = cfg.image_size
+    color = rng.choice(list(PALETTE))
+    w, h = rng.randint(4, size // 3), rng.randint(4, size // 3)
+    x, y = rng.randint(0, size - w), rng.randint(0, size - h)
+    layout = rng.getrandbits(32)
+    area = w * h
+
+    def render() -> Image.Image:
+        lr = random.Random(layout)
+        img = Image.new("RGB", (size, size), NEUTRALS[lr.randrange(len(NEUTRALS))])
+        draw = ImageDraw.Draw(img)
+        _clutter(draw, lr, size, [PALETTE[n] for n in PALETTE if n != color], lr.randint(1, 3), 0.3)
+        draw.rectangle((x, y, x + w - 1, y + h - 1), fill=PALETTE[color])  # last: fully visible
+        if int((np.asarray(img) == PALETTE[color]).all(2).sum()) != area:  # what the code will count
+            raise RuntimeError(f"synth: python_area image count differs from {w}x{h}")
+        return img
+
+    rgb = ",".join(str(c) for c in PALETTE[color])
+    return _Item(
+        key=(color, w, h),
+        question=f"How many pixels does the {color} rectangle cover?",
+        answer=str(area),
+        thinking=[
+            f"Python can count the {color} pixels.",
+            f"Python counted {area} {color} pixels.",
+        ],
+        tool_call=("python", {"code": f"print((np.array(image)==({rgb})).all(2).sum())"}),
+        render=render,
+        metadata={"color": color, "rect_px": [x, y, x + w, y + h]},
+    )
+
+
+def _search_fact(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
+    """A made-up fact about a made-up country; the query '<country> <relation>' retrieves it first."""
+    entity, relation = ctx.pick_fact(rng)
+    value = ctx.facts[entity][relation]
+    spec = RELATIONS[relation]
+    return _Item(
+        key=(entity, relation),
+        question=spec["question"].format(e=entity),
+        answer=value,
+        thinking=[f"I do not know about {entity}. I will search for it.", f"The first result says {value}."],
+        tool_call=("search", {"query": f"{entity} {relation}"}),
+        candidates=[c.format(v=value) for c in spec["candidates"]],
+        metadata={"entity": entity, "relation": relation, "passage_id": ctx.passage_id(entity, relation)},
+    )
+
+
+def _zoom_digit(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
+    """A 3x5 digit in a small white box; the reference box covers it with a margin."""
+    size = cfg.image_size
+    scale = max(1, size // 256)  # 1-pixel strokes at 256 px: mush after shrinking to 128
+    pad, border = 3 * scale, scale
+    box_w, box_h = 3 * scale + 2 * (pad + border), 5 * scale + 2 * (pad + border)
+    digit = rng.randrange(10)
+    options, letter = _mc(rng, str(digit), [str(d) for d in range(10) if d != digit], cfg)
+    x0, y0 = rng.randint(4, size - box_w - 4), rng.randint(4, size - box_h - 4)
+    layout = rng.getrandbits(32)
+    background = rng.choice(list(PALETTE))
+
+    def render() -> Image.Image:
+        lr = random.Random(layout)
+        img = Image.new("RGB", (size, size), PALETTE[background])
+        draw = ImageDraw.Draw(img)
+        _clutter(draw, lr, size, [PALETTE[n] for n in PALETTE if n != background], lr.randint(2, 4), 0.2)
+        draw.rectangle((x0, y0, x0 + box_w - 1, y0 + box_h - 1), fill=(0, 0, 0))
+        draw.rectangle(
+            (x0 + border, y0 + border, x0 + box_w - 1 - border, y0 + box_h - 1 - border), fill=(255, 255, 255)
+        )
+        gx, gy = x0 + border + pad, y0 + border + pad
+        for row, bits in enumerate(DIGIT_GLYPHS[digit]):
+            for col, bit in enumerate(bits):
+                if bit == "1":
+                    px, py = gx + col * scale, gy + row * scale
+                    draw.rectangle((px, py, px + scale - 1, py + scale - 1), fill=(0, 0, 0))
+        return img
+
+    margin = 4 * scale
+    box_px = [x0, y0, x0 + box_w, y0 + box_h]
+    bbox = [
+        max(0, math.floor((x0 - margin) * 1000 / size)),
+        max(0, math.floor((y0 - margin) * 1000 / size)),
+        min(1000, math.ceil((x0 + box_w + margin) * 1000 / size)),
+        min(1000, math.ceil((y0 + box_h + margin) * 1000 / size)),
+    ]
+    return _Item(
+        key=(digit, tuple(options.values()), x0, y0),
+        question=_with_options("Which digit is written in the small white box?", options),
+        answer=letter,
+        thinking=[
+            "The digit is too small to read. I will zoom into the white box.",
+            f"The zoomed box shows {digit}, option {letter}.",
+        ],
+        tool_call=("image_zoom_in", {"bbox_2d": bbox}),
+        render=render,
+        options=options,
+        metadata={"digit": digit, "label_box_px": box_px},
+    )
+
+
+_GENERATORS: dict[str, Callable[[random.Random, SynthConfig, _Context], _Item]] = {
+    "arith_small": _arith_small,
+    "color_mc": _color_mc,
+    "python_multiply": _python_multiply,
+    "python_area": _python_area,
+    "search_fact": _search_fact,
+    "zoom_digit": _zoom_digit,
+}
+
+
+# --------------------------------------------------------------------------- the made-up world
+
+
+class _Context:
+    """Shared state of one generation: the made-up facts, and the split being generated."""
+
+    def __init__(self, cfg: SynthConfig, questions: dict[str, int]) -> None:
+        """Invent enough countries for ``questions`` search questions per partition (train/eval)."""
+        self.split = "sft"
+        rng = _rng(cfg.seed, "world")
+        used: set[str] = set()
+        per = len(RELATIONS)
+        need = {p: math.ceil(n / per * 1.5) + 2 if n else 0 for p, n in questions.items()}
+        self.entities: dict[str, list[str]] = {"train": [], "eval": []}
+        self.distractors: list[str] = []
+        self.facts: dict[str, dict[str, str]] = {}
+        while len(self.distractors) < cfg.corpus_distractors or any(
+            len(self.entities[p]) < need[p] for p in need
+        ):
+            entity = self._name(rng, used)
+            self.facts[entity] = {rel: self._name(rng, used) for rel in RELATIONS}
+            part = "eval" if _held_out("search_fact", entity) else "train"
+            if len(self.entities[part]) < need[part]:
+                self.entities[part].append(entity)
+            elif len(self.distractors) < cfg.corpus_distractors:
+                self.distractors.append(entity)
+            else:
+                del self.facts[entity]
+        self.ids = {
+            (entity, rel): f"fact-{i:04d}-{rel}" for i, entity in enumerate(self.facts) for rel in RELATIONS
+        }
+
+    @staticmethod
+    def _name(rng: random.Random, used: set[str]) -> str:
+        """A fresh made-up proper name (2-3 syllables, 4-8 letters), unique in this world."""
+        while True:
+            parts = [
+                rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                for _ in range(rng.choice((2, 2, 3)))
+            ]
+            name = "".join(parts).capitalize()
+            low = name.lower()
+            # short names are cheap to copy; stopwords are dropped by the BM25 tokenizer
+            if 4 <= len(name) <= 8 and low not in used and low not in STOPWORDS and low not in _RESERVED:
+                used.add(low)
+                return name
+
+    def pick_fact(self, rng: random.Random) -> tuple[str, str]:
+        """A (country, relation) of the current split's partition."""
+        pool = self.entities["eval" if self.split == "eval" else "train"]
+        return rng.choice(pool), rng.choice(list(RELATIONS))
+
+    def passage_id(self, entity: str, relation: str) -> str:
+        """The corpus id of the passage stating ``relation`` of ``entity``."""
+        return self.ids[(entity, relation)]
+
+    def corpus(self, seed: int) -> list[dict[str, str]]:
+        """Every fact as a Search-R1 record ``{"id", "contents": '"Title"\\ntext'}``, shuffled."""
+        records = [
+            {"id": self.ids[(e, rel)], "contents": f'"{e}"\n' + RELATIONS[rel]["passage"].format(e=e, v=v)}
+            for e, facts in self.facts.items()
+            for rel, v in facts.items()
+        ]
+        _rng(seed, "corpus").shuffle(records)
+        return records
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _draw(family: str, split: str, index: int, cfg: SynthConfig, ctx: _Context, used: set) -> _Item:
+    """A question of ``family`` in ``split``'s partition, preferring keys not used yet."""
+    rng = _rng(cfg.seed, split, index, family)
+    want_eval = split == "eval"
+    fallback = None
+    for attempt in range(MAX_DRAWS):
+        item = _GENERATORS[family](rng, cfg, ctx)
+        # search_fact partitions by country (ctx.pick_fact), the others by key hash
+        in_eval = _held_out(family, item.key[0] if family == "search_fact" else item.key)
+        if in_eval != want_eval:
+            continue
+        if (family, item.key) not in used:
+            return item
+        fallback = fallback or item
+        if attempt >= DEDUP_DRAWS:
+            return fallback
+    if fallback is not None:
+        return fallback
+    raise ValueError(
+        f"synth: family {family!r} has no question in the {split} partition after {MAX_DRAWS} draws; "
+        "widen its value range (e.g. arith_max, multiply_min/max)"
+    )
+
+
+def _sft_turns(item: _Item) -> list[str]:
+    """The worked assistant turns: a tool call then the answer, or the answer directly."""
+    if item.tool_call is None:
+        return [format_assistant_turn(item.thinking[0], answer=item.answer)]
+    return [
+        format_assistant_turn(item.thinking[0], tool_calls=[item.tool_call]),
+        format_assistant_turn(item.thinking[1], answer=item.answer),
+    ]
+
+
+def _family_counts(cfg: SynthConfig) -> dict[str, dict[str, int]]:
+    """Split → family → count: SFT honours ``tool_fraction``; RL and eval follow the weights."""
+    weights = cfg.weights.as_dict()
+    tool_w = {k: w for k, w in weights.items() if FAMILIES[k].tool}
+    plain_w = {k: w for k, w in weights.items() if not FAMILIES[k].tool}
+    n_tool = round(cfg.tool_fraction * cfg.num_sft)
+    sft = {**_allocate(n_tool, tool_w), **_allocate(cfg.num_sft - n_tool, plain_w)}
+    return {
+        "sft": {k: sft[k] for k in FAMILIES},
+        "rl": _allocate(cfg.num_rl, weights),
+        "eval": _allocate(cfg.num_eval, weights),
+    }
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    """Write a PNG with fixed settings (no metadata), so equal images give equal bytes."""
+    tmp = path.with_suffix(".png.tmp")
+    img.save(tmp, format="PNG", optimize=False, compress_level=6)
+    tmp.replace(path)
+
+
+_IMAGE_NAME = re.compile(r"^(sft|rl|eval)-\d+\.png$")
+
+
+def synthesize(cfg: SynthConfig, out_dir: str | Path) -> SynthResult:
+    """Generate the synthetic tool task into ``out_dir`` (see the module docstring).
+
+    Writes ``sft.jsonl``, ``rl.jsonl``, ``eval.jsonl``, ``images/``, ``corpus.jsonl`` and
+    ``manifest.json``; stale images from an earlier run in ``images/`` are removed. Raises
+    ValueError when a family cannot fill its partition (a value range too narrow).
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    counts = _family_counts(cfg)
+    search_q = {
+        "train": counts["sft"]["search_fact"] + counts["rl"]["search_fact"],
+        "eval": counts["eval"]["search_fact"],
+    }
+    ctx = _Context(cfg, search_q)
+
+    used: set = set()
+    samples: dict[str, list[Sample]] = {}
+    image_names: list[str] = []
+    for split in SPLITS:
+        ctx.split = split
+        order = [f for f in FAMILIES for _ in range(counts[split][f])]
+        _rng(cfg.seed, split, "order").shuffle(order)
+        rows = []
+        for i, family in enumerate(order):
+            item = _draw(family, split, i, cfg, ctx, used)
+            used.add((family, item.key))
+            spec = FAMILIES[family]
+            images = []
+            if item.render is not None:
+                name = f"{split}-{i:05d}.png"
+                _save_png(item.render(), images_dir / name)
+                image_names.append(name)
+                images.append(f"images/{name}")
+            metadata = {"family": family, **item.metadata}
+            if item.tool_call is not None:
+                metadata["reference_call"] = {"name": item.tool_call[0], "arguments": item.tool_call[1]}
+            rows.append(
+                Sample(
+                    id=f"synth-{split}-{i:05d}",
+                    question=item.question,
+                    answer=item.answer,
+                    answer_type=spec.answer_type,
+                    images=images,
+                    candidates=item.candidates,
+                    options=item.options,
+                    allowed_tools=[spec.tool] if spec.tool else [],
+                    source=SOURCE,
+                    category=family,
+                    messages=[{"role": "assistant", "content": t} for t in _sft_turns(item)]
+                    if split == "sft"
+                    else [],
+                    metadata=metadata,
+                )
+            )
+        samples[split] = rows
+
+    corpus = ctx.corpus(cfg.seed)
+    _check_retrieval(corpus, [s for rows in samples.values() for s in rows if s.category == "search_fact"])
+
+    keep = set(image_names)
+    for stale in images_dir.iterdir():
+        if _IMAGE_NAME.match(stale.name) and stale.name not in keep:
+            stale.unlink()
+    paths = {split: out / f"{split}.jsonl" for split in SPLITS}
+    for split in SPLITS:
+        write_samples(samples[split], paths[split])
+    corpus_path = out / "corpus.jsonl"
+    tmp = corpus_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in corpus), encoding="utf-8")
+    tmp.replace(corpus_path)
+
+    digest = hashlib.sha256()
+    for rel in (
+        [f"{s}.jsonl" for s in SPLITS] + ["corpus.jsonl"] + [f"images/{n}" for n in sorted(image_names)]
+    ):
+        digest.update(rel.encode() + b"\0")
+        digest.update((out / rel).read_bytes())
+    content_hash = digest.hexdigest()
+    n_sft = len(samples["sft"])
+    tool_frac = sum(1 for s in samples["sft"] if s.allowed_tools) / n_sft if n_sft else 0.0
+    enabled = {f for split in counts.values() for f, n in split.items() if n}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "generator": "axpo_nemo.data.synth",
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+        "files": {s: f"{s}.jsonl" for s in SPLITS} | {"corpus": "corpus.jsonl", "images": "images"},
+        "counts": counts,
+        "totals": {s: len(samples[s]) for s in SPLITS},
+        "families": {
+            name: {"tool": spec.tool, "answer_type": spec.answer_type, "description": spec.description}
+            for name, spec in FAMILIES.items()
+        },
+        "tools": sorted({FAMILIES[f].tool for f in enabled if FAMILIES[f].tool}),
+        "sft_tool_fraction": round(tool_frac, 6),
+        "num_images": len(image_names),
+        "num_passages": len(corpus),
+        "content_hash": content_hash,
+    }
+    manifest_path = out / "manifest.json"
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(manifest_path)
+    return SynthResult(
+        out_dir=out,
+        sft_path=paths["sft"],
+        rl_path=paths["rl"],
+        eval_path=paths["eval"],
+        corpus_path=corpus_path,
+        images_dir=images_dir,
+        manifest_path=manifest_path,
+        counts=counts,
+        num_images=len(image_names),
+        num_passages=len(corpus),
+        sft_tool_fraction=tool_frac,
+        content_hash=content_hash,
+        elapsed_s=time.perf_counter() - start,
+    )
+
+
+def _check_retrieval(corpus: list[dict[str, str]], questions: list[Sample]) -> None:
+    """Every search question's reference query must rank its fact's passage first (BM25, as the tool does)."""
+    if not questions:
+        return
+    backend = BM25Backend(Passage(*split_title(r["contents"]), 0.0, r["id"]) for r in corpus)
+    for s in questions:
+        query = s.metadata["reference_call"]["arguments"]["query"]
+        top = backend.search(query, 1)
+        if not top or top[0].id != s.metadata["passage_id"]:
+            raise RuntimeError(f"synth: query {query!r} does not retrieve passage {s.metadata['passage_id']}")

@@ -1,0 +1,284 @@
+"""The synthetic tool task: deterministic files, the right mix, held-out eval, and SFT trajectories
+that replay through the real agent loop and tools to correct answers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from axpo_nemo.agent.loop import AgentLoopConfig
+from axpo_nemo.agent.protocol import ChatProtocol, parse_turn
+from axpo_nemo.agent.replay import replay
+from axpo_nemo.agent.rewards import score_answer
+from axpo_nemo.agent.sandbox import SandboxConfig
+from axpo_nemo.agent.tools.base import ToolContext
+from axpo_nemo.agent.tools.registry import ToolsConfig, build_tools
+from axpo_nemo.agent.tools.search import SearchConfig, SearchTool
+from axpo_nemo.agent.tools.zoom import ImageZoomTool
+from axpo_nemo.data.schema import read_samples
+from axpo_nemo.data.synth import FAMILIES, PALETTE, FamilyWeights, SynthConfig, synthesize
+from axpo_nemo.models import build_tiny_processor, build_tiny_tokenizer
+
+FILES = ("sft.jsonl", "rl.jsonl", "eval.jsonl", "corpus.jsonl", "manifest.json")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The default config's dataset, with its samples per split."""
+    out = tmp_path_factory.mktemp("synth")
+    result = synthesize(SynthConfig(), out)
+    samples = {split: list(read_samples(out / f"{split}.jsonl")) for split in ("sft", "rl", "eval")}
+    return result, samples
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path, data):
+    result, _ = data
+    again = synthesize(SynthConfig(), tmp_path / "a")
+    assert _tree(result.out_dir) == _tree(tmp_path / "a")
+    assert again.content_hash == result.content_hash
+    other = synthesize(SynthConfig(seed=1), tmp_path / "b")
+    assert other.content_hash != result.content_hash
+    for name in ("sft.jsonl", "rl.jsonl", "eval.jsonl", "corpus.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "b" / name).read_bytes()
+
+
+def test_rerun_into_the_same_folder_removes_stale_images(tmp_path):
+    synthesize(SynthConfig(num_sft=40, num_rl=10, num_eval=10), tmp_path)
+    small = synthesize(SynthConfig(num_sft=10, num_rl=4, num_eval=4), tmp_path)
+    assert len(list(small.images_dir.iterdir())) == small.num_images
+    assert (
+        small.content_hash
+        == synthesize(SynthConfig(num_sft=10, num_rl=4, num_eval=4), tmp_path / "x").content_hash
+    )
+
+
+def test_counts_tool_fraction_and_manifest(data):
+    result, samples = data
+    cfg = SynthConfig()
+    assert {k: len(v) for k, v in samples.items()} == {
+        "sft": cfg.num_sft,
+        "rl": cfg.num_rl,
+        "eval": cfg.num_eval,
+    }
+    for split, rows in samples.items():
+        assert Counter(s.category for s in rows) == +Counter(result.counts[split])
+        assert len({s.id for s in rows}) == len(rows)
+    with_tools = [s for s in samples["sft"] if "<tool_call>" in s.messages[0]["content"]]
+    assert abs(len(with_tools) / cfg.num_sft - cfg.tool_fraction) <= 0.02
+    assert result.sft_tool_fraction == pytest.approx(len(with_tools) / cfg.num_sft)
+    assert all(FAMILIES[s.category].tool for s in with_tools)
+    # RL and eval carry every family, tool families included
+    for split in ("rl", "eval"):
+        assert {s.category for s in samples[split]} == set(FAMILIES)
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["seed"] == 0 and manifest["content_hash"] == result.content_hash
+    assert manifest["counts"] == result.counts and manifest["config"]["tool_fraction"] == 0.25
+    assert manifest["tools"] == ["image_zoom_in", "python", "search"]
+    assert result.elapsed_s < 10
+
+
+def test_tool_fraction_is_configurable(tmp_path):
+    result = synthesize(SynthConfig(num_sft=40, num_rl=0, num_eval=0, tool_fraction=0.5), tmp_path)
+    assert result.sft_tool_fraction == 0.5
+    only = synthesize(
+        SynthConfig(
+            num_sft=8, num_rl=4, num_eval=4, tool_fraction=1.0,
+            weights=FamilyWeights(arith_small=0, color_mc=0, python_area=0, search_fact=0, zoom_digit=0),
+        ),
+        tmp_path / "only",
+    )  # fmt: skip
+    assert all(n == 0 for f, n in only.counts["rl"].items() if f != "python_multiply")
+    assert only.num_passages == 16 * 4  # the distractor countries only
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"multiply_min": 50, "multiply_max": 20}, "multiply_min"),
+        ({"min_options": 4, "max_options": 3}, "min_options"),
+        ({"tool_fraction": 1.5}, "tool_fraction"),
+        ({"num_sft": -1}, "num_sft"),
+        (
+            {"weights": FamilyWeights(python_multiply=0, python_area=0, search_fact=0, zoom_digit=0)},
+            "tool family",
+        ),
+        ({"weights": FamilyWeights(arith_small=0, color_mc=0)}, "no-tool family"),
+        ({"weights": {"arith_small": -1}}, "arith_small"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SynthConfig(**kwargs)
+
+
+def test_samples_validate_and_their_images_exist(data):
+    result, samples = data
+    cfg = SynthConfig()
+    for split, rows in samples.items():
+        for s in rows:
+            spec = FAMILIES[s.category]
+            assert s.source == "synth" and s.answer_type == spec.answer_type
+            assert s.allowed_tools == ([spec.tool] if spec.tool else [])
+            assert len(s.question.split()) < 30, s.question
+            if s.answer_type == "multiple_choice":
+                assert s.answer in s.options and 2 <= len(s.options) <= 4
+                assert all(f"\n{k}. {v}" in s.question for k, v in s.options.items())
+            for img in s.load_images(result.out_dir):
+                assert img.size == (cfg.image_size, cfg.image_size)
+            assert bool(s.images) == (s.category in ("color_mc", "python_area", "zoom_digit"))
+            if split == "sft":
+                assert [m["role"] for m in s.messages] == ["assistant"] * (2 if spec.tool else 1)
+                for m in s.messages:
+                    thinking = parse_turn(m["content"]).thinking
+                    assert thinking and len(thinking.split()) < 20
+            else:
+                assert s.messages == []
+
+
+def test_sft_turns_fit_the_demo_token_budget(data):
+    tokenizer = build_tiny_tokenizer()
+    _, samples = data
+    longest = max(
+        len(tokenizer(m["content"], add_special_tokens=False)["input_ids"])
+        for s in samples["sft"]
+        for m in s.messages
+    )
+    assert longest <= 85  # conf/demo.yaml: rollout.max_new_tokens 96
+
+
+def _color_and_size(s):
+    x0, y0, x1, y1 = s.metadata["rect_px"]
+    return s.metadata["color"], x1 - x0, y1 - y0
+
+
+def test_eval_is_disjoint_from_training(data):
+    result, samples = data
+    train = samples["sft"] + samples["rl"]
+
+    def content(s):
+        h = hashlib.sha256(s.question.encode())
+        for rel in s.images:
+            h.update(np.asarray(Image.open(result.out_dir / rel).convert("RGB")).tobytes())
+        return h.hexdigest()
+
+    assert not {content(s) for s in samples["eval"]} & {content(s) for s in train}
+
+    # and beyond exact duplicates: no held-out operand pair, country or (colour, size) is trained on
+    def keys(rows, family, key):
+        return {key(s) for s in rows if s.category == family}
+
+    for family, key in [
+        ("arith_small", lambda s: s.question),
+        ("python_multiply", lambda s: tuple(sorted(s.metadata["operands"]))),
+        ("search_fact", lambda s: s.metadata["entity"]),
+        ("python_area", _color_and_size),
+    ]:
+        held = keys(samples["eval"], family, key)
+        assert held and not held & keys(train, family, key), family
+
+
+def test_tool_questions_are_not_answerable_from_their_text(data):
+    _, samples = data
+    rows = [s for split in samples.values() for s in split]
+    for s in rows:
+        if s.category in ("python_multiply", "python_area", "search_fact"):
+            assert s.answer not in s.question and s.answer.lower() not in s.question.lower()
+    # multiple-choice answers are spread over the letters, not a fixed position
+    for family in ("zoom_digit", "color_mc"):
+        letters = Counter(s.answer for s in rows if s.category == family)
+        assert len(letters) >= 2 and max(letters.values()) < 0.75 * sum(letters.values()), (family, letters)
+    # made-up facts: no fact's answer is guessable from the question's country name
+    facts = [s for s in rows if s.category == "search_fact"]
+    assert len({s.answer for s in facts}) >= 0.9 * len(
+        {(s.metadata["entity"], s.metadata["relation"]) for s in facts}
+    )
+
+
+def test_answers_are_right_by_construction(data):
+    result, samples = data
+    for s in (s for split in samples.values() for s in split):
+        if s.category == "arith_small":
+            a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", s.question).groups()
+            assert int(s.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        elif s.category == "python_multiply":
+            a, b = s.metadata["operands"]
+            assert s.question == f"What is {a} * {b}?" and s.answer == str(a * b)
+        elif s.category in ("python_area", "color_mc"):
+            pixels = np.asarray(s.load_images(result.out_dir)[0])
+            color = s.metadata["color"]
+            count = int((pixels == PALETTE[color]).all(-1).sum())
+            if s.category == "python_area":
+                assert str(count) == s.answer
+            else:
+                assert count > 0.5 * pixels.shape[0] * pixels.shape[1] and s.options[s.answer] == color
+        elif s.category == "zoom_digit":
+            assert s.options[s.answer] == str(s.metadata["digit"])
+            x0, y0, x1, y1 = s.metadata["label_box_px"]
+            assert max(x1 - x0, y1 - y0) <= 16  # 8 px once the image is shrunk to 128 px
+            crop = ImageZoomTool()(
+                s.metadata["reference_call"]["arguments"], ToolContext(s.load_images(result.out_dir))
+            )
+            left, top, right, bottom = crop.metadata["pixel_box"]
+            assert crop.ok and left <= x0 and top <= y0 and right >= x1 and bottom >= y1
+
+
+def test_every_search_question_retrieves_its_fact_first(data):
+    result, samples = data
+    tool = SearchTool(cfg=SearchConfig(corpus_path=str(result.corpus_path)))
+    corpus = [json.loads(line) for line in result.corpus_path.read_text().splitlines()]
+    assert len({r["id"] for r in corpus}) == len(corpus) == result.num_passages
+    for s in (s for split in samples.values() for s in split if s.category == "search_fact"):
+        out = tool(s.metadata["reference_call"]["arguments"], ToolContext())
+        assert out.ok and out.metadata["ids"][0] == s.metadata["passage_id"]
+        assert s.answer in out.text.split("\n\n")[0]
+
+
+@pytest.fixture(scope="module")
+def toolbox(data):
+    result, _ = data
+    cfg = ToolsConfig(
+        enabled=["image_zoom_in", "python", "search"],
+        search=SearchConfig(corpus_path=str(result.corpus_path)),
+        python=SandboxConfig(pool_size=2),
+    )
+    with build_tools(cfg) as tools:
+        yield tools
+
+
+def test_sft_trajectories_replay_to_correct_answers(data, toolbox):
+    result, samples = data
+    protocol = ChatProtocol(build_tiny_processor(build_tiny_tokenizer()))
+    loop = AgentLoopConfig(max_turns=3, max_total_tokens=8192)
+    per_family: dict[str, int] = Counter()
+    subset = []
+    for s in samples["sft"]:  # every tool trajectory, and a few of each no-tool family
+        if FAMILIES[s.category].tool or per_family[s.category] < 3:
+            per_family[s.category] += 1
+            subset.append(s)
+    assert set(per_family) == set(FAMILIES)
+    for s in subset:
+        turns = [m["content"] for m in s.messages]
+        state = replay(protocol, toolbox, s.question, s.load_images(result.out_dir), turns, loop)
+        assert state.finish_reason == "answer", (s.id, state.finish_reason)
+        assert len(state.turns) == len(turns)
+        assert [c.error for c in state.tool_calls] == [None] * len(state.tool_calls), s.id
+        assert [c.name for c in state.tool_calls] == s.allowed_tools
+        if s.category in ("python_multiply", "python_area", "search_fact"):
+            assert s.answer in state.tool_calls[0].response_text, (s.id, state.tool_calls[0].response_text)
+        if s.category == "zoom_digit":
+            assert len(state.images) == 2  # the question's image and the crop
+        last = state.turns[-1]
+        final_text = protocol.decode(state.token_ids[last.start : last.end])
+        score = score_answer(final_text, s.answer, s.answer_type, s.candidates, s.options)
+        assert score.correct, (s.id, final_text, s.answer)
