@@ -1,0 +1,620 @@
+"""Crash-safe training checkpoints, resume, RNG capture and graceful stop on SLURM signals.
+
+**Layout.** ``<dir>/step_000123/`` holds one ``<key>.pt`` file per top-level key of the saved
+state (``model.pt``, ``optimizer.pt``, ``rng.pt``, ...; each written with ``torch.save``) and a
+``COMPLETE`` marker: a JSON manifest with the step, the time and every file's size and sha256.
+Everything, model weights included, goes through ``torch.save``: it handles tied/shared tensors
+(safetensors refuses them) and one format keeps loading simple. A checkpoint is for resuming; a
+Hugging Face export of the weights is a separate step (``save_pretrained``).
+
+**Atomic save.** Files are written into a temporary sibling ``.tmp-step_000123-<pid>``, hashed
+as they are written (no second read), fsynced; the marker is written last; then the folder is
+renamed into place and the parent folder fsynced. A run killed at any point leaves either the new
+checkpoint complete or only a temporary folder, which loading ignores and the next save deletes.
+
+**Safe load.** Files load with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+So a state may hold only tensors, str/bytes/int/float/bool/None, dicts, lists and tuples
+(``save`` checks this up front and names the offending key; numpy arrays must be converted, as
+:func:`capture_rng_state` does). ``load_latest`` takes the newest checkpoint whose manifest
+verifies and skips corrupt ones (missing marker, missing/short/changed file, unreadable torch
+file) with a WARNING naming the folder and the reason.
+
+**Pitfalls of peer frameworks this avoids** (shared/notes/peers_and_pitfalls.md, "Resume"):
+resuming at an epoch boundary skipping an epoch, and a changed dataset silently skipping samples
+(see :class:`DataCursor`); an older checkpoint resumed while newer ones exist (those are moved
+aside as ``superseded-…`` on the next save, so a later ``resume: auto`` cannot jump back to the
+abandoned timeline); optimizer and data state not saved (the trainer saves both).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from axpo_nemo.core.config import ValidatedConfig, setting
+
+__all__ = [
+    "CheckpointConfig",
+    "CheckpointError",
+    "CheckpointManager",
+    "DataCursor",
+    "GracefulStop",
+    "capture_rng_state",
+    "resolve_resume",
+    "restore_rng_state",
+]
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+FORMAT = "axpo-checkpoint/1"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_TMP_RE = re.compile(r"^\.(?:tmp|old)-step_\d+-(\d+)$")
+_CHUNK = 8 << 20
+
+
+@dataclass
+class CheckpointConfig(ValidatedConfig):
+    """When checkpoints are written, how many are kept, and what a run resumes from."""
+
+    every: int = setting(
+        50, "Save a checkpoint every this many steps; 0: only at the end and on a stop signal.", ge=0
+    )
+    keep_last: int = setting(3, "Complete checkpoints kept on disk; the newest is never deleted.", ge=1)
+    resume: str = setting(
+        "auto",
+        "'auto': continue from the newest valid checkpoint in dir (start fresh if there is none); "
+        "'never': start fresh (refused if dir already holds checkpoints); otherwise a path to a "
+        "step_* folder, or to a checkpoint folder whose newest valid checkpoint is used.",
+    )
+    dir: str | None = setting(None, "Checkpoint folder; null: <output_dir>/checkpoints.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not str(self.resume).strip():
+            raise ValueError("CheckpointConfig: resume: must be 'auto', 'never' or a path (got '')")
+
+    def resolve_dir(self, output_dir: str | os.PathLike) -> Path:
+        """The checkpoint folder: ``dir``, or ``<output_dir>/checkpoints`` when unset."""
+        return Path(self.dir) if self.dir else Path(output_dir) / "checkpoints"
+
+    def due(self, step: int) -> bool:
+        """Whether the periodic schedule saves after ``step``."""
+        return self.every > 0 and step > 0 and step % self.every == 0
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names its folder and the reason."""
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts the bytes ``torch.save`` writes through it."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_PLAIN = (str, bytes, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+def _check_loadable(obj: Any, where: str) -> None:
+    """Raise TypeError unless ``obj`` is made of types ``torch.load(weights_only=True)`` reads."""
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, dict):  # OrderedDict included
+        for k, v in obj.items():
+            if not isinstance(k, str | int | float | bool | tuple | type(None)):
+                raise TypeError(f"{where}: dict key {k!r} of type {type(k).__name__} is not checkpointable")
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    hint = " (use .tolist(), .item() or torch.from_numpy)" if type(obj).__module__ == "numpy" else ""
+    raise TypeError(
+        f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not checkpointable{hint}; a "
+        "state may hold tensors, str/bytes/int/float/bool/None, dicts, lists and tuples"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CheckpointManager:
+    """Writes, prunes, verifies and loads the checkpoints of one run folder (one writer at a time).
+
+    Args:
+        dir: the checkpoint folder (created on the first save).
+        keep_last: complete checkpoints kept after each save (>= 1, so the newest always stays).
+    """
+
+    def __init__(self, dir: str | os.PathLike, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"CheckpointManager: keep_last must be >= 1 (got {keep_last})")
+        self.dir = Path(dir)
+        self.keep_last = keep_last
+
+    @classmethod
+    def from_config(cls, cfg: CheckpointConfig, output_dir: str | os.PathLike) -> CheckpointManager:
+        """The manager for ``cfg`` in a run writing to ``output_dir``."""
+        return cls(cfg.resolve_dir(output_dir), cfg.keep_last)
+
+    @staticmethod
+    def step_dir_name(step: int) -> str:
+        """The folder name of a step's checkpoint: ``step_000123``."""
+        return f"step_{step:06d}"
+
+    # ---------------------------------------------------------------- save
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write ``state`` as the checkpoint of ``step`` atomically, then prune; return its folder.
+
+        Each top-level key becomes ``<key>.pt`` (keys: letters, digits, ``_.-``). An existing
+        checkpoint of the same step is replaced; checkpoints of later steps (an abandoned
+        timeline) are moved aside, see the module docstring. Raises TypeError before writing
+        anything when the state holds a type a safe load cannot read.
+        """
+        if step < 0:
+            raise ValueError(f"checkpoint step must be >= 0 (got {step})")
+        if not state:
+            raise ValueError("checkpoint state is empty")
+        for key, value in state.items():
+            if not isinstance(key, str) or not _KEY_RE.match(key):
+                raise ValueError(f"checkpoint state key {key!r}: use letters, digits, '_', '.', '-'")
+            _check_loadable(value, f"state[{key!r}]")
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = self.step_dir_name(step)
+        final = self.dir / name
+        tmp = self.dir / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        files = {}
+        for key, value in state.items():
+            files[f"{key}.pt"] = self._write_file(tmp / f"{key}.pt", value)
+        now = time.time()
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "time": datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(timespec="seconds"),
+            "unix_time": now,
+            "files": files,
+        }
+        with open(tmp / MARKER, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+
+        if final.exists():
+            # A directory rename cannot replace a non-empty directory: move the old one aside first.
+            old = self.dir / f".old-{name}-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        logger.info("saved checkpoint %s", final)
+        self._prune(step)
+        return final
+
+    def _write_file(self, path: Path, value: Any) -> dict[str, Any]:
+        with open(path, "wb") as f:
+            w = _HashingWriter(f)
+            torch.save(value, w)
+            f.flush()
+            os.fsync(f.fileno())
+        return {"size": w.size, "sha256": w.sha.hexdigest()}
+
+    def _prune(self, saved_step: int) -> None:
+        """Move later steps aside, delete stale temporaries and invalid folders, keep the last k."""
+        for entry in self.dir.iterdir():
+            m = _TMP_RE.match(entry.name)
+            if m and entry.is_dir():
+                pid = int(m.group(1))
+                if pid != os.getpid() and _pid_alive(pid):
+                    continue  # another live writer's (or a reused pid's); left for a later save
+                logger.warning("removing stale temporary checkpoint folder %s (a killed save)", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+
+        complete = []
+        for step, path in self._step_dirs():
+            if self._read_marker(path) is None:
+                logger.warning("removing incomplete checkpoint folder %s (no valid %s marker)", path, MARKER)
+                shutil.rmtree(path, ignore_errors=True)
+            elif step > saved_step:
+                aside = self.dir / f"superseded-{path.name}-{int(time.time())}"
+                logger.warning(
+                    "checkpoint %s is newer than the one just saved (step %d): a resumed run abandoned "
+                    "it; moved to %s so it is not resumed from (delete it when no longer wanted)",
+                    path,
+                    saved_step,
+                    aside,
+                )
+                os.replace(path, aside)
+            else:
+                complete.append((step, path))
+        complete.sort()
+        for _step, path in complete[: max(0, len(complete) - self.keep_last)]:
+            logger.info("pruning checkpoint %s (keep_last=%d)", path, self.keep_last)
+            shutil.rmtree(path, ignore_errors=True)
+        _fsync_dir(self.dir)
+
+    # ---------------------------------------------------------------- listing
+    def _step_dirs(self) -> list[tuple[int, Path]]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for entry in self.dir.iterdir():
+            m = _STEP_RE.match(entry.name)
+            if m and entry.is_dir():
+                out.append((int(m.group(1)), entry))
+        return sorted(out)
+
+    @staticmethod
+    def _read_marker(path: Path) -> dict | None:
+        try:
+            manifest = json.loads((path / MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            return None
+        return manifest
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """``(step, folder)`` of every checkpoint with a readable marker, oldest first (not verified)."""
+        return [(s, p) for s, p in self._step_dirs() if self._read_marker(p) is not None]
+
+    # ---------------------------------------------------------------- load
+    def verify(self, path: str | os.PathLike, *, checksums: bool = True) -> dict[str, Any]:
+        """Check a checkpoint folder against its manifest; return the manifest or raise CheckpointError.
+
+        Checks the marker, the step, and every listed file's presence, size and (with
+        ``checksums``) sha256.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a folder")
+        if not (path / MARKER).exists():
+            raise CheckpointError(f"{path}: no {MARKER} marker (an interrupted save)")
+        manifest = self._read_marker(path)
+        if manifest is None:
+            raise CheckpointError(f"{path}: the {MARKER} marker is not a valid manifest")
+        m = _STEP_RE.match(path.name)
+        if m and int(m.group(1)) != manifest.get("step"):
+            raise CheckpointError(f"{path}: manifest step {manifest.get('step')} does not match the folder")
+        for name, info in manifest["files"].items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{path}: file {name} is missing")
+            size = f.stat().st_size
+            if size != info.get("size"):
+                raise CheckpointError(
+                    f"{path}: file {name} has {size} bytes, the manifest says {info.get('size')}"
+                )
+            if checksums and _sha256(f) != info.get("sha256"):
+                raise CheckpointError(f"{path}: file {name} fails its sha256 check (corrupted)")
+        return manifest
+
+    def load(
+        self, path: str | os.PathLike, *, map_location: Any = "cpu", checksums: bool = True
+    ) -> tuple[int, dict[str, Any]]:
+        """Verify and load one checkpoint folder: ``(step, state)``; raises CheckpointError.
+
+        Tensors load onto ``map_location`` (CPU by default; ``load_state_dict`` moves them).
+        """
+        path = Path(path)
+        manifest = self.verify(path, checksums=checksums)
+        state = {}
+        for name in manifest["files"]:
+            try:
+                state[name.removesuffix(".pt")] = torch.load(
+                    path / name, map_location=map_location, weights_only=True
+                )
+            except Exception as exc:  # a truncated zip, a bad pickle, an unsafe type
+                raise CheckpointError(
+                    f"{path}: file {name} cannot be loaded ({type(exc).__name__}: {exc})"
+                ) from exc
+        return int(manifest["step"]), state
+
+    def load_latest(
+        self, *, map_location: Any = "cpu", checksums: bool = True
+    ) -> tuple[int, dict[str, Any]] | None:
+        """The newest checkpoint that verifies and loads, as ``(step, state)``; None when there is none.
+
+        Each newer one that fails is skipped with a WARNING naming it and why.
+        """
+        for step, path in reversed(self._step_dirs()):
+            try:
+                loaded = self.load(path, map_location=map_location, checksums=checksums)
+            except CheckpointError as exc:
+                logger.warning("skipping corrupt checkpoint: %s", exc)
+                continue
+            logger.info("resuming from checkpoint %s (step %d)", path, step)
+            return loaded
+        return None
+
+
+def resolve_resume(
+    resume: str, manager: CheckpointManager, *, map_location: Any = "cpu"
+) -> tuple[int, dict[str, Any]] | None:
+    """Apply a ``checkpoint.resume`` setting: the ``(step, state)`` to continue from, or None.
+
+    'auto': ``manager.load_latest()``. 'never': None, but raises FileExistsError when the
+    folder already holds checkpoints (a fresh run there would prune or mix with them). A path:
+    that ``step_*`` folder (errors raise CheckpointError, no fallback: it was asked for by name),
+    or the newest valid checkpoint of that checkpoint folder.
+    """
+    if resume == "auto":
+        return manager.load_latest(map_location=map_location)
+    if resume == "never":
+        existing = manager.checkpoints()
+        if existing:
+            raise FileExistsError(
+                f"checkpoint.resume is 'never' but {manager.dir} already holds {len(existing)} "
+                "checkpoint(s): use another output_dir or checkpoint.dir, delete them, or set "
+                "checkpoint.resume=auto to continue"
+            )
+        return None
+    path = Path(resume).expanduser()
+    if _STEP_RE.match(path.name) or (path / MARKER).exists():
+        return manager.load(path, map_location=map_location)
+    if path.is_dir():
+        loaded = CheckpointManager(path, manager.keep_last).load_latest(map_location=map_location)
+        if loaded is None:
+            raise CheckpointError(f"{path}: checkpoint.resume names a folder with no valid checkpoint")
+        return loaded
+    raise CheckpointError(f"{path}: checkpoint.resume path does not exist")
+
+
+# -------------------------------------------------------------------- RNG state
+def capture_rng_state(generators: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The global Python, numpy and torch (CPU and CUDA) RNG states, in checkpointable types.
+
+    ``generators`` adds named private generators (``random.Random``, ``numpy.random.Generator``
+    or ``torch.Generator``). :func:`restore_rng_state` puts everything back exactly.
+    """
+    np_state = np.random.get_state(legacy=False)
+    out: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            **np_state,
+            "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]},
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    extra = {}
+    for name, gen in (generators or {}).items():
+        if isinstance(gen, random.Random):
+            extra[name] = gen.getstate()
+        elif isinstance(gen, np.random.Generator):
+            extra[name] = gen.bit_generator.state
+        elif isinstance(gen, torch.Generator):
+            extra[name] = gen.get_state()
+        else:
+            raise TypeError(
+                f"capture_rng_state: generator {name!r} has unsupported type {type(gen).__name__}"
+            )
+    if extra:
+        out["generators"] = extra
+    return out
+
+
+def restore_rng_state(state: dict[str, Any], generators: dict[str, Any] | None = None) -> None:
+    """Restore what :func:`capture_rng_state` captured (``generators``: the same named objects)."""
+    random.setstate(_as_tuple(state["python"]))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {
+        "key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
+        "pos": int(np_state["state"]["pos"]),
+    }
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            logger.warning(
+                "not restoring CUDA RNG states: saved for %d devices, %d visible",
+                len(state["cuda"]),
+                torch.cuda.device_count(),
+            )
+    saved = state.get("generators", {})
+    for name, gen in (generators or {}).items():
+        if name not in saved:
+            raise KeyError(f"restore_rng_state: no saved state for generator {name!r}")
+        if isinstance(gen, random.Random):
+            gen.setstate(_as_tuple(saved[name]))
+        elif isinstance(gen, np.random.Generator):
+            gen.bit_generator.state = saved[name]
+        elif isinstance(gen, torch.Generator):
+            gen.set_state(saved[name])
+        else:
+            raise TypeError(
+                f"restore_rng_state: generator {name!r} has unsupported type {type(gen).__name__}"
+            )
+
+
+def _as_tuple(obj: Any) -> Any:
+    # random.setstate needs tuples; a state that went through JSON or a list-based path has lists.
+    return tuple(_as_tuple(x) for x in obj) if isinstance(obj, list | tuple) else obj
+
+
+# -------------------------------------------------------------------- data position
+@dataclass
+class DataCursor:
+    """Where the data stream is: epoch and examples consumed in it, checkpointed with the run.
+
+    ``advance`` normalises at the boundary (a finished epoch is stored as ``(epoch+1, 0)``,
+    never ``(epoch, size)``), so a checkpoint saved exactly at an epoch end resumes at the next
+    epoch's start instead of skipping it (verl#7401). ``load_state_dict`` compares a dataset
+    fingerprint: after a dataset change the stored offset means nothing, so the epoch restarts
+    at offset 0 with a WARNING instead of silently skipping samples (NeMo-RL#2519).
+    """
+
+    epoch: int = 0
+    offset: int = 0
+
+    def advance(self, n: int, epoch_size: int) -> None:
+        """Record ``n`` more consumed examples of an epoch of ``epoch_size``."""
+        if epoch_size < 1:
+            raise ValueError(f"DataCursor: epoch_size must be >= 1 (got {epoch_size})")
+        total = self.offset + n
+        self.epoch += total // epoch_size
+        self.offset = total % epoch_size
+
+    def state_dict(self, fingerprint: str = "", epoch_size: int | None = None) -> dict[str, Any]:
+        """Checkpointable state; ``fingerprint`` identifies the dataset (e.g. a hash of its ids)."""
+        return {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "fingerprint": fingerprint,
+            "epoch_size": epoch_size,
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, Any], fingerprint: str = "", epoch_size: int | None = None
+    ) -> DataCursor:
+        """The cursor to continue from, given the current dataset's fingerprint and size."""
+        cursor = cls(int(state["epoch"]), int(state["offset"]))
+        changed = state.get("fingerprint", "") != fingerprint or (
+            epoch_size is not None and state.get("epoch_size") not in (None, epoch_size)
+        )
+        if changed:
+            logger.warning(
+                "the dataset changed since the checkpoint (fingerprint or size differs): restarting "
+                "epoch %d from its first example instead of skipping %d examples",
+                cursor.epoch,
+                cursor.offset,
+            )
+            cursor.offset = 0
+        elif epoch_size is not None and cursor.offset >= epoch_size:
+            cursor.advance(0, epoch_size)
+        return cursor
+
+
+# -------------------------------------------------------------------- signals
+class GracefulStop:
+    """Turn SIGTERM and SIGUSR1 into a stop request the training loop honours at a step boundary.
+
+    Protocol::
+
+        with GracefulStop() as stop:
+            for step in range(start, total):
+                train_step()
+                if cfg.due(step) or stop.requested:
+                    manager.save(step, state())
+                if stop.requested:
+                    log.info("stopping on %s after step %d", stop.signal_name, step)
+                    break
+        # exit normally: the next launch resumes with checkpoint.resume=auto
+
+    Inside the block the signals only set ``requested`` (and ``signal_name``, e.g. ``'SIGTERM'``,
+    the first one received); the step in flight finishes, a checkpoint is written, and the
+    process exits normally (with a status the launcher understands as "stopped, resumable"). A
+    repeated signal does not force an exit: SIGKILL does, and the previous checkpoint stays
+    loadable. On exit the previous handlers are restored. SIGINT is left alone (Ctrl-C still
+    interrupts).
+
+    SLURM: ``#SBATCH --signal=USR1@300`` sends SIGUSR1 to the job steps 300 s before the time
+    limit (with ``B:USR1@300`` only the batch shell gets it: launch with ``exec python ...``, or
+    forward it). On preemption or ``scancel`` SLURM sends SIGTERM and, after ``KillWait``
+    (30 s by default), SIGKILL: a step plus a save must fit, or the previous checkpoint is used.
+    Combine with ``--requeue`` to continue automatically.
+
+    Handlers can only be installed from the main thread; elsewhere a WARNING is logged and the
+    signals keep their old behaviour.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+        self.signals = signals
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        # Only set flags: logging here could re-enter a handler lock the main thread holds.
+        self.requested = True
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+    def request(self, reason: str = "request") -> None:
+        """Ask for a stop programmatically (as if a signal named ``reason`` arrived)."""
+        self.requested = True
+        if self.signal_name is None:
+            self.signal_name = reason
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("GracefulStop: not in the main thread; SIGTERM/SIGUSR1 handlers not installed")
+            return self
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
