@@ -126,6 +126,105 @@ def _tools_run(args: argparse.Namespace) -> int:
     return 0 if report.error is None else 1
 
 
+def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
+    from omegaconf import OmegaConf
+
+    from axpo_nemo.config import load_config_tree
+
+    tree = load_config_tree(args.config, [*extra, *args.overrides])
+    return OmegaConf.to_object(tree), tree
+
+
+def _report_run(result) -> int:
+    from axpo_nemo.local.pipeline import EXIT_STOPPED
+
+    print(f"\nrun folder: {result.output_dir}  ({result.seconds:.0f} s)")
+    for name, path in result.paths.items():
+        print(f"  {name:<7} {path}")
+    if result.eval_summary:
+        keys = [k for k in result.eval_summary if "/" not in k and (k.startswith("pass@") or k in ("tool_use_rate", "accuracy"))]
+        print("  eval    " + "  ".join(f"{k}={result.eval_summary[k]:.3f}" for k in keys))
+    if result.stopped:
+        print(f"stopped by a signal after checkpointing; run the same command again to continue (exit {EXIT_STOPPED})")
+        return EXIT_STOPPED
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from axpo_nemo.local.pipeline import run_train
+
+    cfg, tree = _load(args)
+    if cfg.backend != "local":
+        print(f"axpo: backend '{cfg.backend}' is not available in this build; use backend=local", file=sys.stderr)
+        return 2
+    return _report_run(run_train(cfg, tree))
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from axpo_nemo.local.pipeline import run_train
+
+    cfg, tree = _load(args, ["train.stages=[data,sft]"])
+    return _report_run(run_train(cfg, tree))
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from axpo_nemo.data.synth import synthesize
+
+    cfg, _ = _load(args)
+    made = synthesize(cfg.data.synth, args.out)
+    print(f"wrote {args.out}: {made.counts} in {made.elapsed_s:.1f} s")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from axpo_nemo.agent.protocol import ChatProtocol
+    from axpo_nemo.data.schema import read_samples
+    from axpo_nemo.eval.passk import evaluate
+    from axpo_nemo.local.pipeline import Pipeline, bundle_from_run
+    from axpo_nemo.models import build_policy
+
+    cfg, _ = _load(args)
+    bundle = bundle_from_run(args.run, cfg) if args.run else build_policy(cfg.model, seed=cfg.seed)
+    questions_path = Path(args.questions) if args.questions else Pipeline(cfg).data_dir / cfg.data.eval_file
+    questions = list(read_samples(questions_path))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = Pipeline(cfg)
+    with pipeline._tools() as tools:
+        report = evaluate(
+            bundle, ChatProtocol(bundle.processor), tools, questions, questions_path.parent, cfg.eval,
+            pipeline.loop_cfg, results_path=out / "results.jsonl", model_id=str(args.run or cfg.model.name),
+            reward_cfg=cfg.reward,
+        )  # fmt: skip
+    (out / "report.md").write_text(report.to_markdown())
+    (out / "report.json").write_text(report.to_json())
+    print(report.to_markdown())
+    print(f"written: {out / 'report.md'}, {out / 'report.json'}, {out / 'results.jsonl'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from axpo_nemo.eval.export import export_hf
+    from axpo_nemo.local.pipeline import bundle_from_run
+
+    cfg, _ = _load(args)
+    path = export_hf(bundle_from_run(args.run, cfg), args.out, overwrite=args.overwrite)
+    print(f"exported {args.run} to {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from axpo_nemo.local.plots import compare_runs
+
+    pngs, table = compare_runs(args.runs, args.out)
+    print(table)
+    for png in pngs:
+        print(f"plot: {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``axpo`` command with all its subcommands."""
     parser = argparse.ArgumentParser(
@@ -149,6 +248,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("--width", type=int, default=None, help="table width in characters")
     keys.set_defaults(handler=_config_keys)
+
+    train = commands.add_parser(
+        "train",
+        help="the whole local job: data, SFT, AXPO/GRPO, eval, export, plots (default config: the demo)",
+        description="Run the local pipeline. With no arguments this is the embedded demo (conf/demo.yaml): "
+        "a tiny Qwen3-VL, the synthetic tool task, SFT, AXPO, evaluation, export and plots. "
+        "`axpo train algorithm=grpo` is its GRPO baseline. Rerunning the same command resumes.",
+    )
+    _add_config_args(train)
+    train.set_defaults(handler=_train)
+    sft = commands.add_parser("sft", help="data and SFT stages only", description="Run the data and SFT stages.")
+    _add_config_args(sft)
+    sft.set_defaults(handler=_sft)
+
+    data = commands.add_parser("data", help="datasets", description="Dataset commands.")
+    data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    synth = data_commands.add_parser(
+        "synth", help="generate the synthetic multimodal tool task", description="Generate the synthetic task (data.synth.*)."
+    )
+    synth.add_argument("--out", required=True, help="output folder")
+    _add_config_args(synth)
+    synth.set_defaults(handler=_data_synth)
+
+    ev = commands.add_parser(
+        "eval", help="Pass@k with tool metrics on a question file", description="Evaluate a run's model or model.name."
+    )
+    ev.add_argument("--run", default=None, help="a run folder (its newest RL checkpoint, else its SFT model)")
+    ev.add_argument("--questions", default=None, help="question JSONL (default: the data folder's eval file)")
+    ev.add_argument("--out", default="eval_out", help="report folder; results.jsonl there makes the eval resumable")
+    _add_config_args(ev)
+    ev.set_defaults(handler=_eval)
+
+    export = commands.add_parser(
+        "export", help="write a run's model as a Hugging Face folder", description="Export a run's model."
+    )
+    export.add_argument("--run", required=True, help="run folder")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_config_args(export)
+    export.set_defaults(handler=_export)
+
+    compare = commands.add_parser(
+        "compare", help="overlay runs (e.g. GRPO vs AXPO) in one plot and table", description="Compare runs."
+    )
+    compare.add_argument("runs", nargs="+", help="run folders (each holds metrics.jsonl)")
+    compare.add_argument("--out", default="compare_out", help="folder for the plots")
+    compare.set_defaults(handler=_compare)
 
     tools = commands.add_parser("tools", help="list and debug agent tools", description="List and debug agent tools.")
     tools_commands = tools.add_subparsers(dest="tools_command", metavar="SUBCOMMAND", required=True)

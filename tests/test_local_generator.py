@@ -240,3 +240,14 @@ def test_end_to_end_loop_on_the_tiny_model(bundle, proto, prompt):
     batch = RolloutBatch.from_rollouts(rollouts, pad_id=bundle.tokenizer.pad_token_id)
     assert batch.num_rows == 6 and batch.tool_using[:4].all()
     assert batch.source.tolist() == [-1, -1, -1, -1, 0, 0]
+
+
+def test_a_sampled_image_pad_token_does_not_break_the_next_prefill():
+    # The policy can sample <|image_pad|>; image features must follow the slots, not the token id.
+    bundle = build_tiny_qwen3vl(seed=0)
+    proto = ChatProtocol(bundle.processor)
+    state = TrajectoryState.from_prompt(proto.build_prompt("hi", [Image.new("RGB", (64, 64))], []))
+    pad = proto.token_id("<|image_pad|>")
+    state.append_generated([pad, pad], [0.0, 0.0])
+    (out,) = LocalGenerator.from_bundle(bundle).generate([state], SamplingParams(4, 1.0, 1.0, ("<|im_end|>",), 0))
+    assert 1 <= len(out.token_ids) <= 4

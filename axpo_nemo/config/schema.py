@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from axpo_nemo.agent.rewards import RewardConfig
 from axpo_nemo.agent.tools.registry import ToolsConfig
 from axpo_nemo.core.config import AdvantageConfig, AXPOConfig, LossConfig, setting
+from axpo_nemo.data.synth import SynthConfig
+from axpo_nemo.eval.passk import EvalConfig
+from axpo_nemo.local.checkpoint import CheckpointConfig
+from axpo_nemo.local.metrics_log import LoggingConfig
+from axpo_nemo.local.rl import RLConfig
+from axpo_nemo.local.sft import SFTConfig
 
 
 @dataclass
@@ -62,6 +69,41 @@ class RolloutConfig:
     top_p: float = setting(1.0, "Nucleus sampling mass.", gt=0.0, le=1.0)
 
 
+@dataclass
+class DataConfig:
+    """Where the datasets come from."""
+
+    dir: str | None = setting(
+        None,
+        "Folder holding sft.jsonl, rl.jsonl and eval.jsonl (image paths are relative to it); "
+        "null: <output_dir>/data.",
+    )
+    synthesize: bool = setting(
+        True,
+        "Generate the synthetic tool task (data.synth) into data.dir first; reused when the folder "
+        "already holds a dataset made with the same settings.",
+    )
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    sft_file: str = setting("sft.jsonl", "SFT trajectories, relative to data.dir.")
+    rl_file: str = setting("rl.jsonl", "RL questions, relative to data.dir.")
+    eval_file: str = setting("eval.jsonl", "Evaluation questions, relative to data.dir.")
+
+
+STAGES = ("data", "sft", "rl", "eval", "export", "plots")
+
+
+@dataclass
+class TrainConfig:
+    """What `axpo train` runs."""
+
+    stages: list[str] = setting(
+        list(STAGES),
+        "Pipeline stages in order: data (synthesize), sft, rl, eval, export (Hugging Face folder), "
+        "plots. Drop a stage to skip it; sft and rl resume from their checkpoints.",
+        choices=STAGES,
+    )
+
+
 ALGORITHMS = ("axpo", "grpo")
 BACKENDS = ("local", "nemo")
 
@@ -86,3 +128,11 @@ class Config:
     axpo: AXPOConfig = field(default_factory=AXPOConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

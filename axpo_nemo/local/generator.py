@@ -36,10 +36,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import DynamicCache
 
 from axpo_nemo.agent.loop import Continuation, SamplingParams, per_state_params
 from axpo_nemo.agent.protocol import ImageSlot
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
+from axpo_nemo.local.forward import encode
 
 __all__ = ["GeneratorStats", "LocalGenerator", "mrope_positions", "sample_tokens"]
 
@@ -136,6 +138,9 @@ class LocalGenerator:
         share_prefixes: prefill identical contexts once and expand the cache (forks, groups).
         max_batch_size: rows decoded together at most (more states run in several batches).
         prefill_batch_size: contexts prefilled per forward at most.
+        cpu_threads: intra-op threads while sampling on the CPU (restored afterwards); None keeps
+            torch's setting. Decode-step matmuls are tiny, so extra threads only add OpenMP
+            synchronisation, which costs 10-20x when another process holds a core.
     """
 
     def __init__(
@@ -147,8 +152,10 @@ class LocalGenerator:
         share_prefixes: bool = True,
         max_batch_size: int | None = None,
         prefill_batch_size: int | None = None,
+        cpu_threads: int | None = 1,
     ) -> None:
         self.model = model
+        self.cpu_threads = cpu_threads
         self.tokenizer = tokenizer
         self.merge_size = int(merge_size or model.config.vision_config.spatial_merge_size)
         self.share_prefixes = share_prefixes
@@ -207,6 +214,9 @@ class LocalGenerator:
         size = self.max_batch_size or max(len(order), 1)
         was_training = self.model.training
         self.model.eval()
+        threads = torch.get_num_threads()
+        if self.cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(self.cpu_threads)
         try:
             with torch.inference_mode():
                 for k in range(0, len(order), size):
@@ -216,6 +226,7 @@ class LocalGenerator:
                         out[i] = res
         finally:
             self.model.train(was_training)
+            torch.set_num_threads(threads)
         return out  # type: ignore[return-value]
 
     def _prefill(self, contexts: list[TrajectoryState]):
@@ -229,6 +240,7 @@ class LocalGenerator:
             part = contexts[k : k + chunk]
             ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
             pos = torch.zeros(4, len(part), width, dtype=torch.long)
+            visual = torch.zeros(len(part), width, dtype=torch.bool)
             pixels, grids = [], []
             for r, c in enumerate(part):
                 n, pad = len(c), width - len(c)
@@ -241,24 +253,22 @@ class LocalGenerator:
                 for slot in sorted(c.images, key=lambda s: s.start):
                     pixels.append(slot.image.pixel_values)
                     grids.append(slot.image.grid_thw)
+                    visual[r, pad + slot.start : pad + slot.end] = True
                 self.stats.prefill_tokens += n
-            extra = {}
+            inputs = {
+                "input_ids": ids,
+                "attention_mask": mask[k : k + len(part)],
+                "position_ids": pos,
+                "visual_mask": visual,
+            }
             if pixels:
-                extra = {
-                    "pixel_values": torch.cat(pixels).to(dev),
-                    "image_grid_thw": torch.stack(grids).to(dev),
-                }
-            res = self.model(
-                input_ids=ids.to(dev),
-                attention_mask=mask[k : k + len(part)].to(dev),
-                position_ids=pos.to(dev),
-                use_cache=True,
-                logits_to_keep=1,
-                **extra,
-            )
+                inputs["pixel_values"] = torch.cat(pixels)
+                inputs["image_grid_thw"] = torch.stack(grids)
+            # Image features go where the slots say, so a sampled <|image_pad|> is just a token.
+            out = encode(self.model, inputs, past_key_values=DynamicCache(config=self.model.config.get_text_config()))
             self.stats.prefill_calls += 1
-            caches.append(res.past_key_values)
-            logits.append(res.logits[:, -1].float())
+            caches.append(out.past_key_values)
+            logits.append(self.model.lm_head(out.last_hidden_state[:, -1]).float())
         self.stats.prefill_sequences += len(contexts)
         cache = caches[0]
         if len(caches) > 1:  # same padded width, so the chunks stack on the batch dim

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from axpo_nemo.config.schema import ModelConfig
 from axpo_nemo.models.qwen3vl import PolicyBundle, build_tiny_qwen3vl, load_qwen3vl
+
+if TYPE_CHECKING:  # the config schema imports this package; at run time only attributes are read
+    from axpo_nemo.config.schema import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

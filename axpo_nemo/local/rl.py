@@ -1,0 +1,599 @@
+"""The local AXPO / GRPO trainer: one RL step exactly as DESIGN.md §1, on a HF Qwen3-VL.
+
+One `RLTrainer.step`:
+
+1. **Questions.** B questions in a seeded order (a fresh permutation each epoch, a pure function of
+   ``(seed, epoch)``); the position is part of the trainer's state.
+2. **Rollouts.** N rollouts per question through `run_rollouts` (each its own seed, derived from
+   ``(seed, step, question, sample)``), rewarded with `score_answer` on the final assistant turn.
+3. **Resampling** (``algorithm: axpo``). `plan_resampling` picks the prefixes; each is forked K
+   times at its first ``<tool_call>`` (`fork_at_tool_call`; the generator prefills the shared
+   prefix once) — or, with ``prefix_fixing`` off, K fresh rollouts of the question — and the
+   continuations are rolled out, rewarded and appended after the originals.
+4. **Advantages** with `assemble_advantages` (frozen prefixes, prompts and observations carry no
+   loss).
+5. **Logprobs.** Old-policy logprobs are recomputed with the current weights (no grad), and
+   reference logprobs when the KL term is on, at the loss tokens only. A row with a non-finite
+   logprob is dropped from the loss (``row_mask``) and counted.
+6. **Update.** ``ppo_epochs`` x ``mini_batches`` optimizer steps of token-level PPO-clip
+   (`core.policy_loss` with the mini-batch's token count, so micro-batch losses sum to the
+   mini-batch loss), gradient accumulation over micro-batches, gradient clipping, AdamW; the LR
+   schedule advances once per RL step. With one epoch and one mini-batch the old logprobs are
+   computed on the same micro-batches as the training forward, so the first ratio is exactly 1.
+   Without a KL term, rows whose advantages are all 0 (e.g. a group with equal rewards) have no
+   gradient and are skipped in steps 5-6 (``skip_zero_advantage``).
+
+Determinism: every random choice is a function of ``(seed, step, ...)`` — sampling seeds, the
+``random`` selection seed, mini-batch shuffles — and the global RNG states are saved, so a run
+resumed from `RLTrainer.state_dict` reproduces the uninterrupted run's metrics exactly (CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
+from axpo_nemo.agent.protocol import ChatProtocol
+from axpo_nemo.agent.rewards import RewardConfig, score_answer
+from axpo_nemo.agent.tools.base import Tool
+from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed, fork_at_tool_call
+from axpo_nemo.core import (
+    AdvantageConfig,
+    AXPOConfig,
+    LossConfig,
+    ResamplePlan,
+    RolloutBatch,
+    StepAdvantages,
+    assemble_advantages,
+    plan_resampling,
+    policy_loss,
+    step_metrics,
+)
+from axpo_nemo.core.config import ValidatedConfig, setting
+from axpo_nemo.data.schema import Sample
+from axpo_nemo.local.checkpoint import capture_rng_state, restore_rng_state
+from axpo_nemo.local.optim import (
+    WarmupCosineSchedule,
+    build_adamw,
+    clip_and_step,
+    clone_state,
+    dataset_fingerprint,
+)
+from axpo_nemo.local.policy import iter_logprobs, plan_micro_batches
+
+__all__ = ["LOSS_METRIC_NAMES", "RLConfig", "RLTrainer", "StepRecord", "final_answer_text"]
+
+logger = logging.getLogger(__name__)
+
+#: Loss metrics `RLTrainer.step` reports (averaged over the step's optimizer steps).
+LOSS_METRIC_NAMES = (
+    "loss",
+    "pg_loss",
+    "kl_penalty",
+    "clip_fraction_low",
+    "clip_fraction_high",
+    "dual_clip_fraction",
+    "ratio_mean",
+)
+
+#: ``reward_fn(state, sample) -> (reward, correct)`` replaces `score_answer` when given.
+RewardFn = Callable[[TrajectoryState, Sample], tuple[float, bool]]
+
+
+@dataclass
+class RLConfig(ValidatedConfig):
+    """Settings of the local RL trainer (the algorithm's knobs live in AXPO/Advantage/LossConfig)."""
+
+    algorithm: str = setting(
+        "axpo", "'axpo' (GRPO + tool-call resampling) or 'grpo'.", choices=("axpo", "grpo")
+    )
+    steps: int = setting(100, "RL steps.", ge=1)
+    lr: float = setting(1e-6, "Peak learning rate (AdamW).", gt=0.0)
+    warmup_steps: int = setting(0, "Linear warm-up steps.", ge=0)
+    min_lr_ratio: float = setting(
+        1.0, "Cosine decay ends at lr · min_lr_ratio (1.0: constant after warm-up).", ge=0.0, le=1.0
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay (matrices only).", ge=0.0)
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this; 0: no clipping.", ge=0.0)
+    micro_batch_size: int = setting(8, "Sequences per forward/backward pass at most.", ge=1)
+    micro_batch_tokens: int = setting(
+        0,
+        "Tokens encoded per forward pass at most (a shared prefix counts once, padding counts); 0: no limit.",
+        ge=0,
+    )
+    ppo_epochs: int = setting(1, "Passes over each step's rollouts.", ge=1)
+    mini_batches: int = setting(1, "Optimizer steps per pass (rollout rows split evenly).", ge=1)
+    skip_zero_advantage: bool = setting(
+        True,
+        "With the KL term off (loss.kl_coef 0), rows whose loss tokens all have advantage 0 carry "
+        "no gradient: skip their logprob and training passes. Exact: the token average still "
+        "counts their tokens (as ratio 1, unclipped, in the ratio metrics).",
+    )
+    log_entropy: bool = setting(False, "Report the policy entropy on loss tokens (costs a softmax).")
+    seed: int = setting(0, "Seed of question order, sampling, selection and mini-batch shuffles.")
+
+
+@dataclass
+class StepRecord:
+    """What the last step trained on (for inspection and tests).
+
+    Attributes:
+        states: every row's trajectory (originals, then resampled rows).
+        batch: the step's `RolloutBatch`.
+        plan: the resampling plan (None for GRPO).
+        advantages: per-token advantages and loss mask.
+        old_logprobs: ``[R, S]`` the pre-update policy's logprobs at the loss tokens (0 on rows
+            skipped for having no advantage signal).
+        row_mask: ``[R]`` rows kept in the loss (False: non-finite logprobs).
+    """
+
+    states: list[TrajectoryState]
+    batch: RolloutBatch
+    plan: ResamplePlan | None
+    advantages: StepAdvantages
+    old_logprobs: torch.Tensor
+    row_mask: torch.Tensor
+
+
+def final_answer_text(state: TrajectoryState, protocol: ChatProtocol) -> str:
+    """The last assistant turn's text, opened with the generation prompt's ``<think>\\n``.
+
+    Every turn starts inside the thinking block the prompt opened, so prepending it lets the
+    reward tell thinking from the answer (and check the format).
+    """
+    if not state.turns:
+        return ""
+    turn = state.turns[-1]
+    return protocol.assistant_prefix + protocol.decode(state.token_ids[turn.start : turn.end])
+
+
+class RLTrainer:
+    """AXPO / GRPO training of a local policy (see the module docstring for one step).
+
+    Args:
+        policy_bundle: the policy (its model is trained in place; the generator must sample from
+            the same model object so rollouts are on-policy).
+        reference_model: frozen reference for the KL term; None when ``loss_cfg.kl_coef == 0``.
+        questions: the RL questions.
+        data_root: folder the questions' image paths are relative to.
+        tools: tools by name (declared in prompts, restricted per question by ``allowed_tools``).
+        protocol: chat protocol of the policy's processor.
+        generator: sampling backend (e.g. `LocalGenerator.from_bundle(policy_bundle)`).
+        axpo_cfg, adv_cfg, loss_cfg: the algorithm's settings.
+        rl_cfg: `RLConfig`.
+        loop_cfg: turn/token limits and sampling settings (the ``rollout`` section).
+        reward_cfg: reward settings for `score_answer`.
+        questions_per_step, group_size: B and N (the ``rollout`` section's).
+        reward_fn: optional ``(state, sample) -> (reward, correct)`` replacing `score_answer`.
+    """
+
+    def __init__(
+        self,
+        policy_bundle,
+        reference_model,
+        questions: Sequence[Sample],
+        data_root: str | Path,
+        tools: Mapping[str, Tool],
+        protocol: ChatProtocol,
+        generator: Generator,
+        axpo_cfg: AXPOConfig,
+        adv_cfg: AdvantageConfig,
+        loss_cfg: LossConfig,
+        rl_cfg: RLConfig,
+        loop_cfg: AgentLoopConfig,
+        reward_cfg: RewardConfig | None = None,
+        *,
+        questions_per_step: int,
+        group_size: int,
+        reward_fn: RewardFn | None = None,
+    ) -> None:
+        if not questions:
+            raise ValueError("RLTrainer: no questions")
+        if questions_per_step < 1 or group_size < 1:
+            raise ValueError(f"RLTrainer: B={questions_per_step} and N={group_size} must be >= 1")
+        if loss_cfg.kl_coef > 0 and reference_model is None:
+            raise ValueError("RLTrainer: loss.kl_coef > 0 needs a reference model")
+        if reference_model is not None and reference_model is policy_bundle.model:
+            raise ValueError("RLTrainer: the reference model must be a frozen copy, not the policy itself")
+        self.bundle = policy_bundle
+        self.model = policy_bundle.model
+        self.model.eval()  # no dropout: old and new logprobs come from the same function
+        self.reference = reference_model if loss_cfg.kl_coef > 0 else None
+        if self.reference is not None:
+            self.reference.eval().requires_grad_(False)
+        self.questions = list(questions)
+        self.fingerprint = dataset_fingerprint(q.id for q in self.questions)
+        self.data_root = Path(data_root)
+        self.tools = dict(tools)
+        self.protocol = protocol
+        self.generator = generator
+        self.axpo_cfg, self.adv_cfg, self.loss_cfg = axpo_cfg, adv_cfg, loss_cfg
+        self.cfg = rl_cfg
+        self.questions_per_step, self.group_size = int(questions_per_step), int(group_size)
+        self.loop_cfg = loop_cfg
+        self.reward_cfg = reward_cfg or RewardConfig()
+        self.reward_fn = reward_fn
+        self.pad_id = policy_bundle.tokenizer.pad_token_id or 0
+        self.temperature = loop_cfg.temperature if loop_cfg.temperature > 0 else 1.0
+        self.optimizer = build_adamw(self.model, rl_cfg.lr, rl_cfg.weight_decay)
+        self.scheduler = WarmupCosineSchedule(
+            self.optimizer, rl_cfg.warmup_steps, rl_cfg.steps, rl_cfg.min_lr_ratio
+        )
+        self.step_count = 0
+        self.epoch = 0
+        self.position = 0
+        self.counters: dict[str, float] = {
+            "rollouts": 0,
+            "resampled_rollouts": 0,
+            "prefixes_selected": 0,
+            "triggered_groups": 0,
+            "nonfinite_rows": 0,
+            "skipped_updates": 0,
+        }
+        self.last: StepRecord | None = None
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _permutation(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng([int(self.cfg.seed) & 0xFFFFFFFF, int(epoch)])
+        return rng.permutation(len(self.questions)).tolist()
+
+    def draw_questions(self) -> list[int]:
+        """The next B question indices (advances the data position, rolling over epochs)."""
+        out: list[int] = []
+        perm = self._permutation(self.epoch)
+        while len(out) < self.questions_per_step:
+            if self.position >= len(perm):
+                self.epoch, self.position = self.epoch + 1, 0
+                perm = self._permutation(self.epoch)
+            take = min(self.questions_per_step - len(out), len(perm) - self.position)
+            out.extend(perm[self.position : self.position + take])
+            self.position += take
+        return out
+
+    def _tools_for(self, sample: Sample) -> list[Tool]:
+        if not sample.allowed_tools:
+            return list(self.tools.values())
+        return [t for name, t in self.tools.items() if name in sample.allowed_tools]
+
+    # -- rollouts ------------------------------------------------------------------------------
+
+    def _reward(self, state: TrajectoryState) -> tuple[float, bool]:
+        sample = self.questions[state.metadata["question"]]
+        if self.reward_fn is not None:
+            reward, correct = self.reward_fn(state, sample)
+            return float(reward), bool(correct)
+        res = score_answer(
+            final_answer_text(state, self.protocol),
+            sample.answer,
+            sample.answer_type,
+            sample.candidates,
+            sample.options,
+            self.reward_cfg,
+        )
+        return res.reward, res.correct
+
+    def _rollouts(self, states: list[TrajectoryState]) -> list:
+        run_rollouts(states, self.generator, self.tools, self.loop_cfg, protocol=self.protocol)
+        out = []
+        for s in states:
+            reward, correct = self._reward(s)
+            out.append(s.to_rollout(reward=reward, correct=correct))
+        return out
+
+    def _resample(
+        self, plan: ResamplePlan, states: list[TrajectoryState], prompts: list
+    ) -> list[TrajectoryState]:
+        """The K continuations of every selected prefix (forks, or fresh rollouts without prefix fixing)."""
+        extra: list[TrajectoryState] = []
+        for j, src in enumerate(plan.selected.tolist()):
+            seeds = [derive_seed("resample", self.cfg.seed, self.step_count, j, k) for k in range(plan.k)]
+            source = states[src]
+            if plan.prefix_fixing:
+                forks = fork_at_tool_call(source, plan.k, source=src, seeds=seeds)
+            else:
+                forks = []
+                for seed in seeds:
+                    fresh = TrajectoryState.from_prompt(
+                        prompts[source.group],
+                        group=source.group,
+                        seed=seed,
+                        question_id=source.question_id,
+                        metadata=copy.deepcopy(source.metadata),
+                    )
+                    fresh.source, fresh.prefix_len = src, int(plan.prefix_len[j])
+                    forks.append(fresh)
+            for f in forks:
+                f.index = len(states) + len(extra)
+                extra.append(f)
+        return extra
+
+    # -- logprobs and update -------------------------------------------------------------------
+
+    def _micro_batches(self, rows: list[int], states: Sequence[TrajectoryState]) -> list[list[int]]:
+        return plan_micro_batches(
+            states, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens or None, rows=rows
+        )
+
+    def _score(self, model, states, needed: torch.Tensor, batches: list[list[int]]) -> torch.Tensor:
+        """``[R, S]`` logprobs (CPU, no grad) at the ``needed`` positions, on the given micro-batches."""
+        out = torch.zeros(needed.shape, dtype=torch.float32)
+        with torch.no_grad():
+            for chunk in iter_logprobs(
+                model,
+                states,
+                micro_batch_size=self.cfg.micro_batch_size,
+                temperature=self.temperature,
+                needed=needed,
+                pad_id=self.pad_id,
+                batches=batches,
+            ):
+                out[chunk.rows, : chunk.logprobs.shape[1]] = chunk.logprobs.cpu()
+        return out
+
+    def _mini_batches(self, rows: list[int], epoch: int) -> list[list[int]]:
+        if self.cfg.mini_batches == 1 and epoch == 0:
+            return [rows]
+        rng = np.random.default_rng([int(self.cfg.seed) & 0xFFFFFFFF, self.step_count, epoch])
+        order = [rows[i] for i in rng.permutation(len(rows)).tolist()]
+        return [
+            part.tolist() for part in np.array_split(np.array(order, dtype=np.int64), self.cfg.mini_batches)
+        ]
+
+    def _update(
+        self,
+        states: list[TrajectoryState],
+        adv: StepAdvantages,
+        old: torch.Tensor,
+        ref: torch.Tensor | None,
+        rows: list[int],
+        first_batches: list[list[int]],
+        skip: set[int],
+    ) -> dict[str, float]:
+        """PPO epochs x mini-batches of optimizer steps; returns the averaged loss metrics.
+
+        Mini-batches split all loss rows (``rows``), so each optimizer step averages over the
+        same tokens with or without skipping; rows in ``skip`` (no gradient) are not computed.
+        """
+        dev = next(self.model.parameters()).device
+        totals: dict[str, float] = {name: 0.0 for name in LOSS_METRIC_NAMES}
+        totals["grad_norm"] = 0.0
+        entropy_sum, entropy_tokens = 0.0, 0.0
+        updates = 0
+        for epoch in range(self.cfg.ppo_epochs):
+            for mb in self._mini_batches(rows, epoch):
+                if not mb:
+                    continue
+                num_tokens = int(adv.loss_mask[mb].sum())
+                computed = [i for i in mb if i not in skip]
+                batches = (
+                    first_batches
+                    if (epoch == 0 and len(mb) == len(rows))
+                    else self._micro_batches(computed, states)
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                step_metrics_sum: dict[str, float] = {name: 0.0 for name in LOSS_METRIC_NAMES}
+                skipped_tokens = int(adv.loss_mask[[i for i in mb if i in skip]].sum())
+                step_metrics_sum["ratio_mean"] = skipped_tokens / max(num_tokens, 1)
+                for chunk in iter_logprobs(
+                    self.model,
+                    states,
+                    micro_batch_size=self.cfg.micro_batch_size,
+                    temperature=self.temperature,
+                    needed=adv.loss_mask,
+                    entropy=self.cfg.log_entropy and epoch == 0,
+                    pad_id=self.pad_id,
+                    batches=batches,
+                ):
+                    r, w = chunk.rows, chunk.logprobs.shape[1]
+                    mask = adv.loss_mask[r, :w].to(dev)
+                    loss, m = policy_loss(
+                        chunk.logprobs,
+                        old[r, :w].to(dev),
+                        adv.advantages[r, :w].to(dev),
+                        mask,
+                        self.loss_cfg,
+                        ref_logprobs=ref[r, :w].to(dev) if ref is not None else None,
+                        num_tokens=num_tokens,
+                    )
+                    loss.backward()
+                    step_metrics_sum["loss"] += float(loss.detach())
+                    for name in LOSS_METRIC_NAMES[1:]:
+                        step_metrics_sum[name] += float(m[name])
+                    if chunk.entropy is not None:
+                        entropy_sum += float((chunk.entropy.detach() * mask).sum())
+                        entropy_tokens += float(mask.sum())
+                grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.cfg.grad_clip)
+                self.counters["skipped_updates"] += int(not stepped)
+                for name, value in step_metrics_sum.items():
+                    totals[name] += value
+                totals["grad_norm"] += grad_norm
+                updates += 1
+        out = {name: value / max(updates, 1) for name, value in totals.items()}
+        out["optimizer_steps"] = float(updates)
+        if self.cfg.log_entropy:
+            out["entropy"] = entropy_sum / entropy_tokens if entropy_tokens else math.nan
+        return out
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One RL step (module docstring); returns its metrics.
+
+        Metrics: every name in `core.STEP_METRIC_NAMES`; the loss metrics (`LOSS_METRIC_NAMES`,
+        averaged over optimizer steps) with ``grad_norm``, ``lr``, ``optimizer_steps`` (and
+        ``entropy`` if enabled); ``reward_mean`` (originals) and ``resample_reward_mean``;
+        ``rows``, ``loss_tokens``, ``total_tokens``, ``generated_tokens``, ``nonfinite_rows``,
+        ``zero_advantage_rows`` (skipped, see `RLConfig.skip_zero_advantage`);
+        timings ``rollout_s``, ``resample_s``, ``logprob_s``, ``train_s``, ``step_s``; ``step``
+        and ``epoch``.
+        """
+        t_start = time.perf_counter()
+        cfg, n = self.cfg, self.group_size
+        picks = self.draw_questions()
+        prompts = []
+        for q in picks:
+            sample = self.questions[q]
+            images = sample.load_images(self.data_root)
+            prompts.append(self.protocol.build_prompt(sample.question, images, self._tools_for(sample)))
+        states = [
+            TrajectoryState.from_prompt(
+                prompts[g],
+                group=g,
+                seed=derive_seed("rollout", cfg.seed, self.step_count, g, i),
+                question_id=self.questions[q].id,
+                metadata={"question": q},
+                index=g * n + i,
+            )
+            for g, q in enumerate(picks)
+            for i in range(n)
+        ]
+        originals = RolloutBatch.from_rollouts(self._rollouts(states), pad_id=self.pad_id)
+        t_rollout = time.perf_counter()
+
+        plan, batch, all_states = None, originals, states
+        if cfg.algorithm == "axpo":
+            plan = plan_resampling(
+                originals, self.axpo_cfg, seed=derive_seed("plan", cfg.seed, self.step_count)
+            )
+            if plan.num_selected:
+                extra = self._resample(plan, states, prompts)
+                batch = originals.concat(
+                    RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_id)
+                )
+                all_states = states + extra
+        t_resample = time.perf_counter()
+
+        adv = assemble_advantages(batch, plan, self.axpo_cfg, self.adv_cfg)
+        rows = [i for i in range(batch.num_rows) if bool(adv.loss_mask[i].any())]
+        skip: set[int] = set()
+        if cfg.skip_zero_advantage and self.loss_cfg.kl_coef == 0:
+            signal = ((adv.advantages != 0) & adv.loss_mask).any(dim=1)
+            skip = {i for i in rows if not bool(signal[i])}
+        batches = self._micro_batches([i for i in rows if i not in skip], all_states)
+        old = self._score(self.model, all_states, adv.loss_mask, batches)
+        ref = (
+            self._score(self.reference, all_states, adv.loss_mask, batches)
+            if self.reference is not None
+            else None
+        )
+        finite = torch.where(adv.loss_mask, old, 0.0).isfinite().all(dim=1)
+        if ref is not None:
+            finite &= torch.where(adv.loss_mask, ref, 0.0).isfinite().all(dim=1)
+        nonfinite = int((~finite).sum())
+        if nonfinite:
+            adv = assemble_advantages(batch, plan, self.axpo_cfg, self.adv_cfg, row_mask=finite)
+            rows = [i for i in rows if bool(finite[i])]
+            batches = [[i for i in mb if bool(finite[i])] for mb in batches]
+            batches = [mb for mb in batches if mb]
+        t_logprob = time.perf_counter()
+
+        lr = self.scheduler.apply()
+        loss_metrics = self._update(all_states, adv, old, ref, rows, batches, skip)
+        self.scheduler.step()
+        t_train = time.perf_counter()
+
+        self.last = StepRecord(all_states, batch, plan, adv, old, finite)
+        metrics = step_metrics(batch, plan)
+        orig = batch.is_original
+        resampled = ~orig
+        metrics.update(loss_metrics)
+        self.step_count += 1
+        self.counters["rollouts"] += batch.num_rows
+        self.counters["resampled_rollouts"] += int(resampled.sum())
+        self.counters["prefixes_selected"] += metrics["prefixes_selected"]
+        self.counters["triggered_groups"] += metrics["triggered_groups"]
+        self.counters["nonfinite_rows"] += nonfinite
+        metrics.update(
+            {
+                "step": float(self.step_count),
+                "epoch": float(self.epoch),
+                "lr": lr,
+                "reward_mean": float(batch.reward[orig].mean()),
+                "resample_reward_mean": float(batch.reward[resampled].mean())
+                if resampled.any()
+                else math.nan,
+                "rows": float(batch.num_rows),
+                "loss_tokens": float(adv.loss_mask.sum()),
+                "total_tokens": float(batch.lengths.sum()),
+                "generated_tokens": float(batch.generated.sum()),
+                "nonfinite_rows": float(nonfinite),
+                "zero_advantage_rows": float(len(skip)),
+                "rollout_s": t_rollout - t_start,
+                "resample_s": t_resample - t_rollout,
+                "logprob_s": t_logprob - t_resample,
+                "train_s": t_train - t_logprob,
+                "step_s": time.perf_counter() - t_start,
+            }
+        )
+        return metrics
+
+    def train(
+        self, steps: int | None = None, log: Callable[[dict[str, float]], None] | None = None
+    ) -> list[dict]:
+        """Run ``steps`` steps (default: up to ``rl_cfg.steps``), calling ``log(metrics)`` after each."""
+        n = steps if steps is not None else max(self.cfg.steps - self.step_count, 0)
+        history = []
+        for _ in range(n):
+            metrics = self.step()
+            history.append(metrics)
+            if log is not None:
+                log(metrics)
+        return history
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly (tensors cloned).
+
+        Holds the policy weights, optimizer and schedule, global RNG states, the data position,
+        the step and the cumulative counters. The reference model is not included: it is the
+        frozen initial policy, rebuilt from its checkpoint.
+        """
+        return {
+            "model": clone_state(self.model.state_dict()),
+            "optimizer": clone_state(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng_state(),
+            "data": {
+                "epoch": self.epoch,
+                "position": self.position,
+                "fingerprint": self.fingerprint,
+            },
+            "step": self.step_count,
+            "counters": dict(self.counters),
+            "config": {
+                "rl": asdict(self.cfg),
+                "axpo": asdict(self.axpo_cfg),
+                "advantage": asdict(self.adv_cfg),
+                "loss": asdict(self.loss_cfg),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict`.
+
+        If the questions changed since it was taken (another fingerprint), the stored position
+        means nothing: the epoch restarts at its first question, with a warning.
+        """
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        self.epoch = int(state["data"]["epoch"])
+        self.position = int(state["data"]["position"])
+        if state["data"]["fingerprint"] != self.fingerprint:
+            logger.warning("RL: the questions changed since the checkpoint; epoch %d restarts", self.epoch)
+            self.position = 0
+        self.step_count = int(state["step"])
+        self.counters = dict(state["counters"])

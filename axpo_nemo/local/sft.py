@@ -1,0 +1,381 @@
+"""Supervised fine-tuning on tool-use trajectories, tokenized exactly as RL would produce them.
+
+Each `Sample`'s assistant turns are replayed through the real agent loop (`agent.replay`): the
+tools run for real and the observation tokens and images are the ones RL rollouts get, so SFT and
+RL train on one token layout. The loss is token-level cross-entropy on the assistant's tokens
+only (``state.generated``): prompt and tool-observation tokens never carry loss. Tokens are
+averaged over the whole optimizer batch (gradient accumulation over micro-batches gives exactly
+the full-batch gradient).
+
+Data order is a pure function of ``(seed, epoch)``; with ``bucket_by_length`` each window of
+``batch_size · bucket_batches`` shuffled examples is sorted by length and cut into batches, whose
+order is then shuffled, so batches hold similar lengths (little padding) without a fixed order.
+`SFTTrainer.state_dict` holds the model, optimizer, schedule, RNG states and data position: a run
+resumed from it continues bit-identically (CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from axpo_nemo.agent.loop import AgentLoopConfig
+from axpo_nemo.agent.protocol import ChatProtocol
+from axpo_nemo.agent.replay import replay
+from axpo_nemo.agent.tools.base import Tool
+from axpo_nemo.agent.trajectory import TrajectoryState
+from axpo_nemo.core.config import ValidatedConfig, setting
+from axpo_nemo.data.schema import Sample
+from axpo_nemo.local.checkpoint import capture_rng_state, restore_rng_state
+from axpo_nemo.local.optim import (
+    WarmupCosineSchedule,
+    build_adamw,
+    clip_and_step,
+    clone_state,
+    dataset_fingerprint,
+)
+from axpo_nemo.local.policy import iter_logprobs
+
+__all__ = ["SFTConfig", "SFTExample", "SFTTrainer", "assistant_turns", "epoch_batches", "tokenize_samples"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig(ValidatedConfig):
+    """Settings of supervised fine-tuning."""
+
+    steps: int = setting(0, "Optimizer steps; 0 means `epochs` passes over the data.", ge=0)
+    epochs: int = setting(1, "Passes over the data when steps is 0.", ge=1)
+    lr: float = setting(1e-5, "Peak learning rate (AdamW).", gt=0.0)
+    warmup_steps: int = setting(10, "Linear warm-up steps.", ge=0)
+    min_lr_ratio: float = setting(0.1, "Cosine decay ends at lr · min_lr_ratio.", ge=0.0, le=1.0)
+    weight_decay: float = setting(0.0, "AdamW weight decay (matrices only).", ge=0.0)
+    batch_size: int = setting(16, "Sequences per optimizer step.", ge=1)
+    micro_batch_size: int = setting(4, "Sequences per forward/backward pass at most.", ge=1)
+    micro_batch_tokens: int = setting(
+        0,
+        "Tokens encoded per forward pass at most (a shared prefix counts once, padding counts); 0: no limit.",
+        ge=0,
+    )
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this; 0: no clipping.", ge=0.0)
+    max_tokens: int = setting(8192, "Sequences longer than this (after replay) are skipped.", ge=2)
+    bucket_by_length: bool = setting(True, "Batch examples of similar length together (less padding).")
+    bucket_batches: int = setting(16, "Batches per length-sorting window when bucketing.", ge=1)
+    seed: int = setting(0, "Seed of the data order.")
+    log_every: int = setting(10, "Log a metrics line every this many steps in `train`.", ge=1)
+
+
+@dataclass
+class SFTExample:
+    """One tokenized training sequence.
+
+    Attributes:
+        sample_id: the `Sample` it came from.
+        state: the replayed trajectory (tokens, images, generated mask).
+    """
+
+    sample_id: str
+    state: TrajectoryState
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The sequence's tokens."""
+        return self.state.token_ids
+
+    @property
+    def images(self):
+        """The sequence's image slots."""
+        return self.state.images
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """[len] bool: the tokens that carry loss — exactly the assistant-generated ones."""
+        return torch.tensor(self.state.generated, dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return len(self.state.token_ids)
+
+
+def assistant_turns(sample: Sample, protocol: ChatProtocol) -> list[str]:
+    """The texts of ``sample.messages``' assistant turns, as the model generates them.
+
+    A turn that repeats the generation prompt's opening (``<think>\\n``) has it removed, since the
+    prompt already ends with it. List contents keep their text parts.
+    """
+    turns = []
+    for message in sample.messages:
+        if message.get("role") != "assistant":
+            continue
+        content = message.get("content", "")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        prefix = protocol.assistant_prefix
+        if prefix and content.startswith(prefix):
+            content = content[len(prefix) :]
+        turns.append(str(content))
+    return turns
+
+
+def tokenize_samples(
+    samples: Sequence[Sample],
+    data_root: str | Path,
+    tools: Mapping[str, Tool],
+    protocol: ChatProtocol,
+    loop_cfg: AgentLoopConfig,
+    max_tokens: int,
+) -> tuple[list[SFTExample], Counter, list[tuple[str, str]]]:
+    """Replay every sample; returns (examples, skip counts by reason, (sample id, reason) list).
+
+    A sample is skipped when it has no assistant turn (``no_turns``), its replay raises
+    (``replay_error``), the replay does not end with a boxed answer (``no_answer``; e.g. the turn
+    or token limit cut it), or it is longer than ``max_tokens`` (``too_long``).
+    """
+    examples, skipped, reasons = [], Counter(), []
+    for sample in samples:
+        reason = None
+        turns = assistant_turns(sample, protocol)
+        if not turns:
+            reason = "no_turns"
+        else:
+            try:
+                images = sample.load_images(data_root)
+                enabled = {
+                    n: t for n, t in tools.items() if not sample.allowed_tools or n in sample.allowed_tools
+                }
+                state = replay(
+                    protocol, enabled, sample.question, images, turns, loop_cfg, question_id=sample.id
+                )
+            except Exception as exc:
+                logger.warning("SFT sample %s: replay failed (%s: %s)", sample.id, type(exc).__name__, exc)
+                reason = "replay_error"
+            else:
+                if state.finish_reason != "answer" or state.num_turns != len(turns):
+                    reason = "no_answer"
+                elif len(state) > max_tokens:
+                    reason = "too_long"
+        if reason is None:
+            examples.append(SFTExample(sample.id, state))
+        else:
+            skipped[reason] += 1
+            reasons.append((sample.id, reason))
+    if skipped:
+        logger.warning(
+            "SFT: skipped %d of %d samples (%s)", sum(skipped.values()), len(samples), dict(skipped)
+        )
+    return examples, skipped, reasons
+
+
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket_batches: int | None = None
+) -> list[list[int]]:
+    """The batches (example indices) of one epoch: a pure function of its arguments.
+
+    Without bucketing (``bucket_batches`` None): a seeded permutation cut into batches. With it:
+    windows of ``batch_size · bucket_batches`` permuted examples are sorted by length (longest
+    first) and cut into batches, then the batch order is shuffled. Every epoch has
+    ``ceil(n / batch_size)`` batches.
+    """
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)])
+    perm = rng.permutation(len(lengths)).tolist()
+    if bucket_batches is None:
+        return [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
+    window = batch_size * bucket_batches
+    batches = []
+    for w in range(0, len(perm), window):
+        chunk = sorted(perm[w : w + window], key=lambda i: (-int(lengths[i]), i))
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    order = rng.permutation(len(batches)).tolist()
+    return [batches[i] for i in order]
+
+
+class SFTTrainer:
+    """Supervised fine-tuning of a `PolicyBundle` on replayed trajectories.
+
+    Args:
+        bundle: the policy (its model is trained in place).
+        samples: SFT samples (``messages`` holds the assistant turns).
+        data_root: folder the samples' image paths are relative to.
+        tools: the tools the replay executes (e.g. `build_tools(cfg.tools)`).
+        protocol: the chat protocol of ``bundle.processor``.
+        cfg: `SFTConfig`.
+        loop_cfg: turn and token limits of the replay (as in RL).
+
+    Raises ValueError when no sample survives tokenization.
+    """
+
+    def __init__(
+        self,
+        bundle,
+        samples: Sequence[Sample],
+        data_root: str | Path,
+        tools: Mapping[str, Tool],
+        protocol: ChatProtocol,
+        cfg: SFTConfig,
+        loop_cfg: AgentLoopConfig,
+    ) -> None:
+        self.bundle = bundle
+        self.model = bundle.model
+        self.cfg = cfg
+        self.pad_id = bundle.tokenizer.pad_token_id or 0
+        self.examples, self.skipped, self.skipped_samples = tokenize_samples(
+            samples, data_root, tools, protocol, loop_cfg, cfg.max_tokens
+        )
+        if not self.examples:
+            raise ValueError(f"SFT: no usable sample among {len(samples)} (skipped: {dict(self.skipped)})")
+        self.lengths = [len(e) for e in self.examples]
+        self.fingerprint = dataset_fingerprint(f"{e.sample_id}:{len(e)}" for e in self.examples)
+        self.batches_per_epoch = math.ceil(len(self.examples) / cfg.batch_size)
+        self.total_steps = cfg.steps or cfg.epochs * self.batches_per_epoch
+        self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay)
+        self.scheduler = WarmupCosineSchedule(
+            self.optimizer, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio
+        )
+        self.step_count = 0
+        self.epoch = 0
+        self.position = 0  # next batch of the current epoch
+        self.skipped_updates = 0
+        self._batches: list[list[int]] | None = None
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _epoch_batches(self) -> list[list[int]]:
+        if self._batches is None:
+            bucket = self.cfg.bucket_batches if self.cfg.bucket_by_length else None
+            self._batches = epoch_batches(
+                self.lengths, self.cfg.batch_size, self.cfg.seed, self.epoch, bucket
+            )
+        return self._batches
+
+    def next_batch(self) -> list[int]:
+        """The next batch's example indices (advances the data position, rolling over epochs)."""
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
+        batch = self._epoch_batches()[self.position]
+        self.position += 1
+        return batch
+
+    @property
+    def done(self) -> bool:
+        """True once ``total_steps`` steps have run."""
+        return self.step_count >= self.total_steps
+
+    # -- training ------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step on the next batch; returns its metrics.
+
+        Metrics: ``loss`` (mean NLL per assistant token of the batch), ``tokens`` (loss tokens),
+        ``sequences``, ``lr``, ``grad_norm``, ``skipped_update`` (1 when a non-finite gradient
+        norm dropped the update), ``epoch``, ``step`` (1-based) and ``step_s``.
+        """
+        t0 = time.perf_counter()
+        rows = self.next_batch()
+        seqs = [self.examples[i] for i in rows]
+        masks = [e.loss_mask for e in seqs]
+        num_tokens = float(sum(int(m.sum()) for m in masks))
+        lr = self.scheduler.apply()
+        self.model.zero_grad(set_to_none=True)
+        total = 0.0
+        for chunk in iter_logprobs(
+            self.model,
+            seqs,
+            micro_batch_size=self.cfg.micro_batch_size,
+            max_tokens=self.cfg.micro_batch_tokens or None,
+            needed=masks,
+            pad_id=self.pad_id,
+        ):
+            w = chunk.logprobs.shape[1]
+            mask = torch.stack(
+                [torch.nn.functional.pad(masks[i], (0, w - masks[i].numel())) for i in chunk.rows]
+            )
+            mask = mask.to(chunk.logprobs.device)
+            loss = -(chunk.logprobs * mask).sum() / max(num_tokens, 1.0)
+            loss.backward()
+            total += float(loss.detach())
+        grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.cfg.grad_clip)
+        self.scheduler.step()
+        self.skipped_updates += int(not stepped)
+        self.step_count += 1
+        return {
+            "step": float(self.step_count),
+            "epoch": float(self.epoch),
+            "loss": total,
+            "tokens": num_tokens,
+            "sequences": float(len(rows)),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped_update": float(not stepped),
+            "step_s": time.perf_counter() - t0,
+        }
+
+    def train(
+        self, steps: int | None = None, log: Callable[[dict[str, float]], None] | None = None
+    ) -> list[dict]:
+        """Run ``steps`` steps (default: until ``total_steps``); returns every step's metrics.
+
+        Every ``log_every`` steps a metrics line is logged and ``log(metrics)`` called.
+        """
+        n = steps if steps is not None else max(self.total_steps - self.step_count, 0)
+        history = []
+        for _ in range(n):
+            metrics = self.step()
+            history.append(metrics)
+            if self.step_count % self.cfg.log_every == 0 or self.done:
+                logger.info(
+                    "sft step %d/%d loss %.4f lr %.3g grad_norm %.3f",
+                    self.step_count, self.total_steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
+                )  # fmt: skip
+                if log is not None:
+                    log(metrics)
+        return history
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: weights, optimizer, schedule, RNGs, data position.
+
+        Tensors are cloned, so the snapshot does not change as training continues.
+        """
+        return {
+            "model": clone_state(self.model.state_dict()),
+            "optimizer": clone_state(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng_state(),
+            "data": {
+                "epoch": self.epoch,
+                "position": self.position,
+                "fingerprint": self.fingerprint,
+            },
+            "step": self.step_count,
+            "skipped_updates": self.skipped_updates,
+            "config": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict`.
+
+        If the examples changed since it was taken (another fingerprint), the stored position
+        means nothing: the epoch restarts at its first batch, with a warning.
+        """
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        self.epoch = int(state["data"]["epoch"])
+        self.position = int(state["data"]["position"])
+        if state["data"]["fingerprint"] != self.fingerprint:
+            logger.warning("SFT: the examples changed since the checkpoint; epoch %d restarts", self.epoch)
+            self.position = 0
+        self._batches = None
+        self.step_count = int(state["step"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))

@@ -1,0 +1,195 @@
+"""Tests for the local SFT trainer on the tiny Qwen3-VL with the real zoom tool.
+
+Guarantees checked: samples are tokenized by replaying them through the agent loop (bad ones are
+skipped and counted), the loss covers assistant tokens only, the model overfits a handful of
+samples, a run resumed from a state dict continues bit-identically, and the data order and LR
+schedule are pure functions of their inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from axpo_nemo.agent.loop import AgentLoopConfig
+from axpo_nemo.agent.protocol import ChatProtocol, format_assistant_turn
+from axpo_nemo.agent.tools.base import ToolResult
+from axpo_nemo.agent.tools.zoom import ImageZoomTool
+from axpo_nemo.data.schema import Sample
+from axpo_nemo.local.optim import WarmupCosineSchedule
+from axpo_nemo.local.sft import SFTConfig, SFTTrainer, epoch_batches
+from axpo_nemo.models import build_tiny_qwen3vl
+
+LOOP = AgentLoopConfig(max_turns=3, max_total_tokens=2048)
+
+
+class SmallZoom:
+    """A zoom stand-in with a one-line schema: short prompts keep the training tests fast."""
+
+    name = "image_zoom_in"
+
+    def schema(self):
+        return {"type": "function", "function": {"name": self.name, "parameters": {"type": "object"}}}
+
+    def __call__(self, arguments, context):
+        return ToolResult(text="zoomed", images=[context.images[0].crop((0, 0, 64, 64))])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_tiny_qwen3vl(seed=0)
+
+
+@pytest.fixture
+def bundle(base):
+    return copy.deepcopy(base)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Four good samples (two with a zoom call), and three that must be skipped."""
+    root = tmp_path_factory.mktemp("sft")
+    samples = []
+    for i in range(4):
+        Image.new("RGB", (96 + 32 * i, 96), (50 * i, 120, 200)).save(root / f"{i}.png")
+        turns = []
+        if i % 2 == 0:
+            call = [("image_zoom_in", {"bbox_2d": [0, 0, 500, 500]})]
+            turns.append({"role": "assistant", "content": format_assistant_turn("Zoom in.", tool_calls=call)})
+            turns.append({"role": "tool", "content": "(crop)", "images": []})
+        turns.append({"role": "assistant", "content": format_assistant_turn(f"It shows {i}.", answer=str(i))})
+        samples.append(
+            Sample(
+                id=f"s{i}", question=f"Which number {i}?", answer=str(i), images=[f"{i}.png"], messages=turns
+            )
+        )
+    samples += [
+        Sample(
+            id="missing",
+            question="q",
+            answer="1",
+            images=["nope.png"],
+            messages=[{"role": "assistant", "content": "x"}],
+        ),
+        Sample(
+            id="unanswered",
+            question="q",
+            answer="1",
+            messages=[{"role": "assistant", "content": "no box here"}],
+        ),
+        Sample(id="empty", question="q", answer="1"),
+    ]
+    return root, samples
+
+
+def make(bundle, data, tool=None, **overrides) -> SFTTrainer:
+    root, samples = data
+    cfg = SFTConfig(
+        **{"steps": 6, "lr": 3e-3, "warmup_steps": 2, "batch_size": 2, "micro_batch_size": 1, **overrides}
+    )
+    tools = {"image_zoom_in": tool or ImageZoomTool()}
+    return SFTTrainer(bundle, samples, root, tools, ChatProtocol(bundle.processor), cfg, LOOP)
+
+
+def test_replay_tokenizes_and_bad_samples_are_counted(bundle, data):
+    trainer = make(bundle, data)
+    assert [e.sample_id for e in trainer.examples] == ["s0", "s1", "s2", "s3"]
+    assert dict(trainer.skipped) == {"replay_error": 1, "no_answer": 1, "no_turns": 1}
+    assert ("missing", "replay_error") in trainer.skipped_samples
+    zoomed = trainer.examples[0].state
+    assert zoomed.tool_calls[0].error is None and len(zoomed.images) == 2  # the tool really ran
+    with pytest.raises(ValueError, match="no usable sample"):
+        make(bundle, data, max_tokens=10)
+
+
+def test_loss_mask_is_exactly_the_assistant_tokens(bundle, data):
+    trainer = make(bundle, data)
+    proto = ChatProtocol(bundle.processor)
+    for example in trainer.examples:
+        state = example.state
+        mask = example.loss_mask
+        assert mask.tolist() == state.generated
+        assert not mask[: state.prompt_len].any()
+        for turn in state.turns:  # each turn is trained on, its observation is not
+            assert mask[turn.start : turn.end].all()
+            assert not mask[turn.end : turn.end + turn.observation_len].any()
+        text = proto.decode([t for t, m in zip(state.token_ids, mask.tolist(), strict=True) if m])
+        assert (
+            "<tool_response>" not in text and "<|vision_start|>" not in text and text.endswith("<|im_end|>")
+        )
+    observed = trainer.examples[0].state
+    assert observed.turns[0].observation_len > 0
+
+
+def test_loss_decreases_when_overfitting(bundle, data):
+    trainer = make(
+        bundle, data, SmallZoom(), steps=20, batch_size=4, micro_batch_size=4, lr=3e-3, warmup_steps=2
+    )
+    history = trainer.train()
+    assert len(history) == 20 and trainer.done
+    losses = [m["loss"] for m in history]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    assert history[0]["tokens"] == sum(int(e.loss_mask.sum()) for e in trainer.examples)
+    assert history[0]["lr"] == pytest.approx(1.5e-3) and history[-1]["lr"] < history[2]["lr"]
+
+
+def test_resume_is_bit_identical(base, data):
+    first = make(copy.deepcopy(base), data, SmallZoom(), steps=7, bucket_batches=1)
+    first.train(2)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)  # as a checkpoint stores it
+    buffer.seek(0)
+    snapshot = torch.load(buffer, weights_only=True)
+    expected = [m["loss"] for m in first.train(4)]  # crosses an epoch boundary (2 batches/epoch)
+    final = first.model.state_dict()
+
+    other = copy.deepcopy(base)
+    with torch.no_grad():  # different starting weights: everything must come from the snapshot
+        for p in other.model.parameters():
+            p.add_(0.01)
+    resumed = make(other, data, SmallZoom(), steps=7, bucket_batches=1)
+    resumed.load_state_dict(snapshot)
+    got = [m["loss"] for m in resumed.train(4)]
+    assert got == expected
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, final[name]), name
+    assert resumed.epoch == first.epoch and resumed.position == first.position
+
+
+def test_epoch_batches_are_deterministic_and_bucketed():
+    lengths = [10, 50, 20, 40, 30, 60, 70]
+    a = epoch_batches(lengths, 2, seed=3, epoch=0, bucket_batches=2)
+    assert a == epoch_batches(lengths, 2, seed=3, epoch=0, bucket_batches=2)
+    assert a != epoch_batches(lengths, 2, seed=3, epoch=1, bucket_batches=2)
+    assert sorted(i for b in a for i in b) == list(range(7)) and len(a) == 4
+    for b in a:  # each batch comes from one sorted window: longest first
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    plain = epoch_batches(lengths, 3, seed=3, epoch=0)
+    assert sorted(i for b in plain for i in b) == list(range(7)) and [len(b) for b in plain] == [3, 3, 1]
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineSchedule(opt, warmup_steps=2, total_steps=6, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(7):
+        lrs.append(sched.apply())
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert lrs[4] == pytest.approx(0.1 + 0.9 * 0.5) and lrs[6] == pytest.approx(0.1)
+    restored = WarmupCosineSchedule(opt, 0, 1)
+    restored.load_state_dict(sched.state_dict())
+    assert restored.apply() == pytest.approx(0.1)
