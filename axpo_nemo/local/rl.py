@@ -61,15 +61,14 @@ from axpo_nemo.core import (
 )
 from axpo_nemo.core.config import ValidatedConfig, setting
 from axpo_nemo.data.schema import Sample
-from axpo_nemo.local.checkpoint import capture_rng_state, restore_rng_state
 from axpo_nemo.local.optim import (
     WarmupCosineSchedule,
     build_adamw,
     clip_and_step,
-    clone_state,
     dataset_fingerprint,
 )
 from axpo_nemo.local.policy import iter_logprobs, plan_micro_batches
+from axpo_nemo.local.resumable import ResumableTrainer
 
 __all__ = ["LOSS_METRIC_NAMES", "RLConfig", "RLTrainer", "StepRecord", "final_answer_text"]
 
@@ -157,7 +156,7 @@ def final_answer_text(state: TrajectoryState, protocol: ChatProtocol) -> str:
     return protocol.assistant_prefix + protocol.decode(state.token_ids[turn.start : turn.end])
 
 
-class RLTrainer:
+class RLTrainer(ResumableTrainer):
     """AXPO / GRPO training of a local policy (see the module docstring for one step).
 
     Args:
@@ -176,6 +175,8 @@ class RLTrainer:
         questions_per_step, group_size: B and N (the ``rollout`` section's).
         reward_fn: optional ``(state, sample) -> (reward, correct)`` replacing `score_answer`.
     """
+
+    data_name = "questions"
 
     def __init__(
         self,
@@ -561,16 +562,7 @@ class RLTrainer:
         frozen initial policy, rebuilt from its checkpoint.
         """
         return {
-            "model": clone_state(self.model.state_dict()),
-            "optimizer": clone_state(self.optimizer.state_dict()),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": capture_rng_state(),
-            "data": {
-                "epoch": self.epoch,
-                "position": self.position,
-                "fingerprint": self.fingerprint,
-            },
-            "step": self.step_count,
+            **self.training_state(),
             "counters": dict(self.counters),
             "config": {
                 "rl": asdict(self.cfg),
@@ -586,14 +578,5 @@ class RLTrainer:
         If the questions changed since it was taken (another fingerprint), the stored position
         means nothing: the epoch restarts at its first question, with a warning.
         """
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
-        self.epoch = int(state["data"]["epoch"])
-        self.position = int(state["data"]["position"])
-        if state["data"]["fingerprint"] != self.fingerprint:
-            logger.warning("RL: the questions changed since the checkpoint; epoch %d restarts", self.epoch)
-            self.position = 0
-        self.step_count = int(state["step"])
+        self.restore_training_state(state)
         self.counters = dict(state["counters"])

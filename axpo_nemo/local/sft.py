@@ -35,15 +35,14 @@ from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState
 from axpo_nemo.core.config import ValidatedConfig, setting
 from axpo_nemo.data.schema import Sample
-from axpo_nemo.local.checkpoint import capture_rng_state, restore_rng_state
 from axpo_nemo.local.optim import (
     WarmupCosineSchedule,
     build_adamw,
     clip_and_step,
-    clone_state,
     dataset_fingerprint,
 )
 from axpo_nemo.local.policy import iter_logprobs
+from axpo_nemo.local.resumable import ResumableTrainer
 
 __all__ = ["SFTConfig", "SFTExample", "SFTTrainer", "assistant_turns", "epoch_batches", "tokenize_samples"]
 
@@ -198,7 +197,7 @@ def epoch_batches(
     return [batches[i] for i in order]
 
 
-class SFTTrainer:
+class SFTTrainer(ResumableTrainer):
     """Supervised fine-tuning of a `PolicyBundle` on replayed trajectories.
 
     Args:
@@ -212,6 +211,8 @@ class SFTTrainer:
 
     Raises ValueError when no sample survives tokenization.
     """
+
+    data_name = "examples"
 
     def __init__(
         self,
@@ -347,16 +348,7 @@ class SFTTrainer:
         Tensors are cloned, so the snapshot does not change as training continues.
         """
         return {
-            "model": clone_state(self.model.state_dict()),
-            "optimizer": clone_state(self.optimizer.state_dict()),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": capture_rng_state(),
-            "data": {
-                "epoch": self.epoch,
-                "position": self.position,
-                "fingerprint": self.fingerprint,
-            },
-            "step": self.step_count,
+            **self.training_state(),
             "skipped_updates": self.skipped_updates,
             "config": asdict(self.cfg),
         }
@@ -367,15 +359,6 @@ class SFTTrainer:
         If the examples changed since it was taken (another fingerprint), the stored position
         means nothing: the epoch restarts at its first batch, with a warning.
         """
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
-        self.epoch = int(state["data"]["epoch"])
-        self.position = int(state["data"]["position"])
-        if state["data"]["fingerprint"] != self.fingerprint:
-            logger.warning("SFT: the examples changed since the checkpoint; epoch %d restarts", self.epoch)
-            self.position = 0
+        self.restore_training_state(state)
         self._batches = None
-        self.step_count = int(state["step"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
