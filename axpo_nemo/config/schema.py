@@ -50,6 +50,12 @@ class ModelConfig:
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     device: str = setting("auto", "'auto' (first GPU if any, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    cpu_threads: int = setting(
+        0,
+        "torch intra-op threads for training on the CPU; 0: torch's default. Use 1 when other "
+        "processes share the cores (OpenMP threads then mostly wait on each other).",
+        ge=0,
+    )
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 

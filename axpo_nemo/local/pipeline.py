@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.tools.registry import Toolbox, build_tools
+from axpo_nemo.config.loader import ConfigError
 from axpo_nemo.config.schema import Config
 from axpo_nemo.data.schema import Sample, read_samples
 from axpo_nemo.data.synth import synthesize
@@ -96,7 +97,7 @@ class Pipeline:
     def _check_consistency(self) -> None:
         cfg = self.cfg
         if cfg.rl.algorithm != cfg.algorithm:
-            raise ValueError(
+            raise ConfigError(
                 f"rl.algorithm is {cfg.rl.algorithm!r} but algorithm is {cfg.algorithm!r}: set algorithm (the trainer follows it)"
             )
 
@@ -111,6 +112,10 @@ class Pipeline:
         try:
             if "data" in stages and self.cfg.data.synthesize:
                 self.stage_data()
+            if not set(stages) & {"sft", "rl", "eval", "export"}:
+                if "plots" in stages:
+                    self.stage_plots()
+                return self.result
             self.bundle = build_policy(self.cfg.model, seed=self.cfg.seed)
             self.protocol = ChatProtocol(self.bundle.processor)
             with self._tools() as tools:
@@ -141,7 +146,7 @@ class Pipeline:
             and tools_cfg.search.backend == "bm25"
         ):
             if not corpus.exists():
-                raise ValueError(
+                raise ConfigError(
                     "tools.enabled has 'search' but tools.search.corpus_path is unset and "
                     f"{corpus} does not exist (enable the data stage or set the path)"
                 )
@@ -261,7 +266,9 @@ class Pipeline:
         (out / "report.md").write_text(report.to_markdown())
         (out / "report.json").write_text(report.to_json())
         summary = report.summary()
-        self.metrics.log(self.cfg.rl.steps if "rl" in self.cfg.train.stages else 0, summary, phase="eval")
+        step = self.cfg.rl.steps if "rl" in self.cfg.train.stages else 0
+        self.metrics.truncate_after(step - 1, "eval")  # a rerun replaces the earlier evaluation
+        self.metrics.log(step, summary, phase="eval")
         self.result.eval_summary = summary
         self.result.paths["eval"] = out
 
@@ -285,6 +292,17 @@ class Pipeline:
         self.result.paths["plots"] = out
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (the trainers also derive their own)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def save_config(cfg_tree, output_dir: Path) -> Path:
     """Write the resolved config next to the run's outputs."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -304,6 +322,9 @@ def run_train(cfg: Config, cfg_tree=None, *, plain: bool | None = None) -> RunRe
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    seed_everything(cfg.seed)
+    if cfg.model.cpu_threads:
+        torch.set_num_threads(cfg.model.cpu_threads)
     try:
         with GracefulStop() as stop, ProgressDisplay(cfg.logging.console_every, plain=plain) as console:
             return Pipeline(cfg, console).run(stop)
