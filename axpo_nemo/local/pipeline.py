@@ -1,7 +1,8 @@
 """`axpo train` on one machine: data → SFT → RL (AXPO or GRPO) → eval → export → plots.
 
 Every stage writes under ``output_dir`` and can be re-entered: SFT and RL continue from their
-newest valid checkpoint (``checkpoint.resume``), a finished stage leaves a marker and is skipped,
+newest valid checkpoint (``checkpoint.resume``); a finished SFT leaves ``sft/final.pt`` and is
+skipped, a finished RL stage is recognised by its newest checkpoint having reached ``rl.steps``,
 and the synthetic dataset is reused when its settings are unchanged. SIGTERM or SIGUSR1 finishes
 the step in flight, writes a checkpoint and exits with `EXIT_STOPPED`, so a launcher can requeue
 the job and the next run picks up where this one stopped.
