@@ -142,3 +142,66 @@ CONT_MASK = [bool(x) for x in cont_row(1)]
 
 def t32(rows) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
+
+
+# ----- the shared two-group scenario of the hand-computed rule tests -----
+
+# Group statistics used throughout (Bessel std, eps added):
+# rewards [0,0,1,0] or [1,0,0,0]: mean .25, sum sq dev .75, var .75/3 = .25, std .5
+HI = 0.75 / (0.5 + EPS)  # reward 1 in such a group
+LO = -0.25 / (0.5 + EPS)  # reward 0 in such a group
+# rewards [1,0] (K=2): mean .5, var (.25+.25)/1 = .5, std sqrt(.5)
+S2 = 0.5 / (0.7071067811865476 + EPS)
+# rewards [1,0,1,0]: mean .5, var 1/3, std sqrt(1/3)
+P4 = 0.5 / (0.5773502691896257 + EPS)
+# joint [0,0,1,0, 1,0, 0,0]: mean .25, sum sq dev 2*.5625 + 6*.0625 = 1.5, var 1.5/7
+J1 = 0.75 / (0.4629100498862757 + EPS)
+J0 = -0.25 / (0.4629100498862757 + EPS)
+# joint with sources replaced [1,0,1,0, 1,0, 0,0]: mean .375, sum sq 3*.390625 + 5*.140625 = 1.875
+C1 = 0.625 / (0.5175491695067657 + EPS)
+C0 = -0.375 / (0.5175491695067657 + EPS)
+
+
+def assert_close(actual, expected, atol=1e-6, rtol=1e-6):
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared two-group scenario (B=2, N=4, K=2, r=0.5 -> M = floor(.5*8/2) = 2)
+#   g0 (triggered: tool subgroup {0, 1} all wrong, although no-tool row 2 is right)
+#     row 0  tool  wrong r=0  u=.2
+#     row 1  tool  wrong r=0  u=.4
+#     row 2  no tool correct r=1
+#     row 3  no tool wrong r=0
+#   g1 (not triggered: row 4 is a correct tool rollout); rows 5-7 have very low u on purpose
+#     row 4  tool correct r=1 u=.9;  rows 5, 6, 7 tool wrong r=0, u=.3, .1, .05
+#   continuations: rows 8, 9 from row 0 (rewards 1, 0); rows 10, 11 from row 1 (rewards 0, 0)
+def originals():
+    return [
+        tool_rollout(0, 0.0, u=0.2),
+        tool_rollout(0, 0.0, u=0.4),
+        no_tool_rollout(0, 1.0),
+        no_tool_rollout(0, 0.0),
+        tool_rollout(1, 1.0, u=0.9),
+        tool_rollout(1, 0.0, u=0.3),
+        tool_rollout(1, 0.0, u=0.1),
+        tool_rollout(1, 0.0, u=0.05),
+    ]
+
+
+def scenario(**cfg):
+    orig = originals()
+    axpo = core.AXPOConfig(r=0.5, k=2, **cfg)
+    plan = core.plan_resampling(batch(orig), axpo, seed=0)
+    assert plan.selected.tolist() == [0, 1]
+    if axpo.prefix_fixing:
+        extra = [continuation(orig[0], 0, 1.0), continuation(orig[0], 0, 0.0)]
+        extra += [continuation(orig[1], 1, 0.0), continuation(orig[1], 1, 0.0)]
+    else:
+        extra = [fresh_rollout(orig[0], 0, 1.0), fresh_rollout(orig[0], 0, 0.0)]
+        extra += [fresh_rollout(orig[1], 1, 0.0), fresh_rollout(orig[1], 1, 0.0)]
+    return batch(orig + extra), plan, axpo
+
+
+G1_ROWS = [tool_row(HI, HI), tool_row(LO, LO), tool_row(LO, LO), tool_row(LO, LO)]
+SCENARIO_MASK = [TOOL_MASK, TOOL_MASK, NO_TOOL_MASK, NO_TOOL_MASK] + [TOOL_MASK] * 4 + [CONT_MASK] * 4
