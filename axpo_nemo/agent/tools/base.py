@@ -8,6 +8,7 @@ a turn (DESIGN.md §2).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -66,3 +67,17 @@ class Tool(Protocol):
     def __call__(self, arguments: Any, context: ToolContext) -> ToolResult:
         """Run the tool; bad arguments or failures come back as an error `ToolResult`."""
         ...
+
+
+def argument_object(arguments: Any, example: str) -> dict[str, Any] | ToolResult:
+    """A call's arguments as a dict (JSON text is parsed), or a ``bad_arguments`` error showing ``example``."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return ToolResult.failure("bad_arguments", f"arguments must be a JSON object like {example}.")
+    if not isinstance(arguments, dict):
+        return ToolResult.failure(
+            "bad_arguments", f"arguments must be an object like {example}, not {type(arguments).__name__}."
+        )
+    return arguments

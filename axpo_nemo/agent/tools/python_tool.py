@@ -9,13 +9,12 @@ tool returns a `ToolResult`: its printed output and images, or an error observat
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 from typing import Any
 
 from axpo_nemo.agent.sandbox import SandboxConfig, SandboxPool, SandboxResult
-from axpo_nemo.agent.tools.base import ToolContext, ToolResult
+from axpo_nemo.agent.tools.base import ToolContext, ToolResult, argument_object
 
 # SandboxResult.failure -> ToolResult.error
 ERROR_KINDS = {
@@ -100,18 +99,9 @@ class PythonTool:
 
     def validate(self, arguments: Any) -> str | ToolResult:
         """The code to run, or a ``bad_arguments`` error result explaining what is wrong."""
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                return ToolResult.failure(
-                    "bad_arguments", 'arguments must be a JSON object like {"code": "print(1)"}.'
-                )
-        if not isinstance(arguments, dict):
-            return ToolResult.failure(
-                "bad_arguments",
-                f'arguments must be an object like {{"code": "print(1)"}}, not {type(arguments).__name__}.',
-            )
+        arguments = argument_object(arguments, '{"code": "print(1)"}')
+        if isinstance(arguments, ToolResult):
+            return arguments
         extra = sorted(str(k) for k in arguments if k != "code")
         if extra:
             return ToolResult.failure(

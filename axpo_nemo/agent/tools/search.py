@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from axpo_nemo.agent.tools.base import ToolContext, ToolResult
+from axpo_nemo.agent.tools.base import ToolContext, ToolResult, argument_object
 from axpo_nemo.core.config import ValidatedConfig, setting
 
 logger = logging.getLogger(__name__)
@@ -559,18 +559,9 @@ class SearchTool:
     def _search(self, arguments: Any) -> ToolResult:
         """Validate, query the backend, format."""
         cfg = self.cfg
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                return ToolResult.failure(
-                    "bad_arguments", 'arguments must be a JSON object like {"query": "..."}.'
-                )
-        if not isinstance(arguments, dict):
-            return ToolResult.failure(
-                "bad_arguments",
-                f"arguments must be an object with a query field, got {type(arguments).__name__}.",
-            )
+        arguments = argument_object(arguments, '{"query": "..."}')
+        if isinstance(arguments, ToolResult):
+            return arguments
         query = arguments.get("query")
         if not isinstance(query, str) or not query.strip():
             got = "nothing" if query is None else f"{type(query).__name__} {query!r}"[:80]

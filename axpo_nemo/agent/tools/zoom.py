@@ -8,14 +8,13 @@ gets a full-size intermediate copy, and the output's size is capped.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, ImageColor
 
-from axpo_nemo.agent.tools.base import ToolContext, ToolResult
+from axpo_nemo.agent.tools.base import ToolContext, ToolResult, argument_object
 from axpo_nemo.core.config import ValidatedConfig, setting
 
 COORD_MAX = 1000.0
@@ -207,13 +206,9 @@ class ImageZoomTool:
     def _zoom(self, arguments: Any, context: ToolContext) -> ToolResult:
         """Validate the arguments, then crop and resize."""
         cfg = self.cfg
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                return _bad('arguments must be a JSON object like {"bbox_2d": [x1, y1, x2, y2]}.')
-        if not isinstance(arguments, dict):
-            return _bad(f"arguments must be an object with a bbox_2d field, got {type(arguments).__name__}.")
+        arguments = argument_object(arguments, '{"bbox_2d": [x1, y1, x2, y2]}')
+        if isinstance(arguments, ToolResult):
+            return arguments
         if "bbox_2d" not in arguments:
             return _bad("missing required argument bbox_2d: [x1, y1, x2, y2] in 0-1000 coordinates.")
         box, why = parse_bbox(arguments["bbox_2d"])
