@@ -39,12 +39,7 @@ class SmallZoom:
         return ToolResult(text="zoomed", images=[context.images[0].crop((0, 0, 64, 64))])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
