@@ -238,6 +238,23 @@ def test_grpo_equals_axpo_without_budget(base, questions):
         assert torch.equal(a, b)
 
 
+def test_scoring_originals_during_the_resample_wave_changes_nothing(base, questions):
+    # The overlapped path scores the originals on a second thread while the forks generate; it
+    # must train on the same logprobs as the sequential path.
+    kw = {"reward_fn": tools_fail_reward, "loss": LossConfig(kl_coef=0.05), "axpo": AXPOConfig(r=0.5, k=2)}
+    overlapped = make(base, questions, overlap_scoring=True, **kw)
+    sequential = make(base, questions, overlap_scoring=False, **kw)
+    a, b = overlapped.step(), sequential.step()
+    assert a["prefixes_selected"] == b["prefixes_selected"] == 1
+    mask = overlapped.last.advantages.loss_mask
+    assert torch.equal(mask, sequential.last.advantages.loss_mask) and mask[:4].any()
+    torch.testing.assert_close(
+        overlapped.last.old_logprobs[mask], sequential.last.old_logprobs[mask], atol=1e-5, rtol=0
+    )
+    for name in ("loss", "kl_penalty", "grad_norm", "loss_tokens", "rows"):
+        assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), name
+
+
 def test_skipping_zero_advantage_rows_gives_the_same_update(base, questions):
     def one_group_signal(state, sample):  # group 0 mixed, group 1 all wrong: its rows are skipped
         ok = state.group == 0 and state.index % 2 == 0

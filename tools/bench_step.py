@@ -18,7 +18,8 @@ prefix prefilled once) and trains on the extra rows. After one untimed step each
 start, caches), the algorithms alternate step by step so load drift on a shared machine hits
 both alike. Reported per step: time and its breakdown (rollout, resample, logprobs, train),
 rows, tool use, triggered groups, prefixes, and the generator's prefilled tokens and rows that
-reused a shared prefill; then the mean AXPO/GRPO step-time ratio (target <= 1.15).
+reused a shared prefill; then the mean AXPO/GRPO step-time ratio (target <= 1.15), in wall time
+and in this process's CPU time (which other processes on a shared machine disturb far less).
 
 ``--budget-matched`` adds GRPO with N·(1+r) rollouts per question (``grpo_bm``).
 
@@ -170,7 +171,9 @@ def _timed_steps(trainers: dict[str, RLTrainer], steps: int) -> dict[str, list[d
             wrapper = trainer.generator
             for counter in wrapper.phase_stats.values():
                 counter.clear()
+            cpu0 = time.process_time()
             metrics = trainer.step()
+            metrics["step_cpu_s"] = time.process_time() - cpu0
             for phase, counter in wrapper.phase_stats.items():
                 metrics.update({f"{phase}_{k}": float(v) for k, v in counter.items()})
             results[alg].append(metrics)
@@ -246,7 +249,7 @@ def main() -> None:
                 f" {int(m['prefixes_selected']):>8}"
             )
     mean = {
-        alg: {k: statistics.mean(m[k] for m in steps) for k in ("step_s", *PHASES)}
+        alg: {k: statistics.mean(m[k] for m in steps) for k in ("step_s", "step_cpu_s", *PHASES)}
         for alg, steps in results.items()
     }
     print("\ngenerator work per step (mean): decode steps / prefilled tokens / rows reusing a shared prefill")
@@ -267,6 +270,8 @@ def main() -> None:
     print(
         f"AXPO/GRPO mean step-time ratio: {mean['axpo']['step_s'] / mean['grpo']['step_s']:.3f} (target <= 1.15)"
     )
+    cpu = mean["axpo"]["step_cpu_s"] / mean["grpo"]["step_cpu_s"]
+    print(f"AXPO/GRPO mean step CPU-time ratio: {cpu:.3f} (this process's CPU seconds; steadier than wall time on a shared machine)")
     rows = {alg: statistics.mean(m["rows"] for m in steps) for alg, steps in results.items()}
     print(f"AXPO/GRPO rows ratio: {rows['axpo'] / rows['grpo']:.3f} (extra rollouts at most r = {args.r})")
     if "grpo_bm" in mean:

@@ -35,6 +35,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,12 @@ class RLConfig(ValidatedConfig):
         "counts their tokens (as ratio 1, unclipped, in the ratio metrics).",
     )
     log_entropy: bool = setting(False, "Report the policy entropy on loss tokens (costs a softmax).")
+    overlap_scoring: bool = setting(
+        True,
+        "AXPO: compute the original rollouts' old and reference logprobs on a second thread while "
+        "the resample wave generates (they do not depend on it). Exact; on a CPU it puts the core "
+        "that single-threaded decoding leaves idle to work.",
+    )
     seed: int = setting(0, "Seed of question order, sampling, selection and mini-batch shuffles.")
 
 
@@ -342,6 +349,41 @@ class RLTrainer(ResumableTrainer):
                 out[chunk.rows, : chunk.logprobs.shape[1]] = chunk.logprobs.cpu()
         return out
 
+    def _score_pair(
+        self, states, needed: torch.Tensor, batches: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Old-policy and reference (None without KL) logprobs, as `_score` computes them."""
+        old = self._score(self.model, states, needed, batches)
+        ref = self._score(self.reference, states, needed, batches) if self.reference is not None else None
+        return old, ref
+
+    def _rollouts_while_scoring(
+        self, extra: list[TrajectoryState], states: list[TrajectoryState], originals: RolloutBatch
+    ) -> tuple[RolloutBatch, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Roll the resampled states out while a second thread scores the original rows.
+
+        The originals' old and reference logprobs depend on nothing the resample wave produces
+        (the weights do not change before the update), so they are computed concurrently, at
+        every generated position (a superset of their loss tokens). Both threads run torch
+        single-threaded for the duration, so results do not depend on timing.
+        """
+        batches = self._micro_batches(list(range(originals.num_rows)), states)
+        threads = torch.get_num_threads()
+
+        def score():
+            torch.set_num_threads(1)
+            return self._score_pair(states, originals.generated, batches)
+
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="axpo-score") as pool:
+                scores = pool.submit(score)
+                extra_batch = RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_id)
+                early = scores.result()
+        finally:
+            torch.set_num_threads(threads)
+        return extra_batch, early
+
     def _mini_batches(self, rows: list[int], epoch: int) -> list[list[int]]:
         if self.cfg.mini_batches == 1 and epoch == 0:
             return [rows]
@@ -463,15 +505,18 @@ class RLTrainer(ResumableTrainer):
         t_rollout = time.perf_counter()
 
         plan, batch, all_states = None, originals, states
+        early = None  # (old, ref) of the original rows, scored while the resample wave ran
         if cfg.algorithm == "axpo":
             plan = plan_resampling(
                 originals, self.axpo_cfg, seed=derive_seed("plan", cfg.seed, self.step_count)
             )
             if plan.num_selected:
                 extra = self._resample(plan, states, prompts)
-                batch = originals.concat(
-                    RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_id)
-                )
+                if cfg.overlap_scoring:
+                    extra_batch, early = self._rollouts_while_scoring(extra, states, originals)
+                else:
+                    extra_batch = RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_id)
+                batch = originals.concat(extra_batch)
                 all_states = states + extra
         t_resample = time.perf_counter()
 
@@ -482,12 +527,15 @@ class RLTrainer(ResumableTrainer):
             signal = ((adv.advantages != 0) & adv.loss_mask).any(dim=1)
             skip = {i for i in rows if not bool(signal[i])}
         batches = self._micro_batches([i for i in rows if i not in skip], all_states)
-        old = self._score(self.model, all_states, adv.loss_mask, batches)
-        ref = (
-            self._score(self.reference, all_states, adv.loss_mask, batches)
-            if self.reference is not None
-            else None
-        )
+        if early is None:
+            old, ref = self._score_pair(all_states, adv.loss_mask, batches)
+        else:  # only the resampled rows are left to score
+            r0, s0 = originals.num_rows, originals.token_ids.shape[1]
+            late = self._micro_batches([i for i in rows if i not in skip and i >= r0], all_states)
+            old, ref = self._score_pair(all_states, adv.loss_mask, late)
+            old[:r0, :s0] = early[0]
+            if ref is not None:
+                ref[:r0, :s0] = early[1]
         finite = torch.where(adv.loss_mask, old, 0.0).isfinite().all(dim=1)
         if ref is not None:
             finite &= torch.where(adv.loss_mask, ref, 0.0).isfinite().all(dim=1)
