@@ -1,0 +1,202 @@
+"""Running the suite: load each benchmark, evaluate it through the agent loop, score, report.
+
+Layout of the output folder (``--out``)::
+
+    _images/<benchmark>/          images decoded from the benchmark files (by content hash)
+    <label>/<benchmark>/results.jsonl   per-question records, appended as questions finish
+    <label>/summary.json          this model's scores (a `SuiteResult`)
+    suite.md, suite.csv, suite.json     tables over every model folder in --out
+
+**Resume.** Each benchmark has its own results file (`eval.passk.evaluate`'s format), so a run
+that stops — Ctrl-C, a crash, a lost node — is continued by running the same command again: the
+finished questions of every benchmark are read back, not regenerated; only the rest are sampled.
+Evaluating another model into the same ``--out`` (another ``--label``) adds a row to the tables.
+
+**Engines.** ``local`` samples with `LocalGenerator` (the training agent loop; CPU or one GPU).
+``vllm`` asks `axpo_nemo.nemo.generator.standalone_vllm_generator` for a vLLM-backed `Generator`
+(NeMo-RL container) and runs the very same agent loop, tools and scoring with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from axpo_nemo.agent.loop import AgentLoopConfig
+from axpo_nemo.agent.protocol import ChatProtocol
+from axpo_nemo.agent.rewards import RewardConfig
+from axpo_nemo.agent.tools.base import Tool
+from axpo_nemo.eval.passk import EvalConfig, _json_safe, evaluate
+from axpo_nemo.eval.suite.registry import Benchmark, resolve_suite
+from axpo_nemo.eval.suite.report import write_suite_reports
+from axpo_nemo.eval.suite.scoring import BenchmarkScore, SuiteResult
+from axpo_nemo.eval.suite.tables import ImageStore
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("local", "vllm")
+SUMMARY_FILE = "summary.json"
+IMAGES_DIR = "_images"
+
+
+class EngineUnavailable(RuntimeError):
+    """The requested generation engine cannot run in this environment."""
+
+
+def run_suite(
+    generator: Any,
+    protocol: ChatProtocol,
+    tools: Sequence[Tool] | Mapping[str, Tool],
+    benchmarks: Sequence[Benchmark],
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: EvalConfig,
+    loop_cfg: AgentLoopConfig,
+    *,
+    label: str,
+    model_id: str,
+    engine: str = "local",
+    reward_cfg: RewardConfig | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    overwrite: bool = False,
+) -> SuiteResult:
+    """Evaluate one model on ``benchmarks`` and write its summary and the suite tables.
+
+    Args:
+        generator: a `Generator` (or a `PolicyBundle`, sampled with a `LocalGenerator`).
+        protocol: the model's chat protocol.
+        tools: the enabled tools; each question sees only those its benchmark allows.
+        benchmarks: from `resolve_suite`.
+        data_dir: holds one folder per benchmark key with its files in their public format.
+        out_dir: the output folder (see the module docstring).
+        cfg: samples per question, ks (every k <= n), temperature, seed, max questions per benchmark.
+        loop_cfg: agent-loop limits, as in training.
+        label: the model's name in the tables (and its folder).
+        model_id: identifies the weights in the results fingerprint (resuming with another model
+            fails instead of mixing results).
+        engine: recorded in the summary.
+        reward_cfg: answer-checking settings; a benchmark's ``reward_overrides`` apply on top.
+        progress: ``progress(benchmark_key, done, total)`` after each finished question.
+        overwrite: start results files written with other settings over instead of failing.
+
+    Returns:
+        The model's `SuiteResult`.
+    """
+    if not label or "/" in label or label.startswith((".", "_")):
+        raise ValueError(f"label {label!r}: give a plain folder name (no '/', not starting with '.' or '_')")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    reward_cfg = reward_cfg or RewardConfig()
+    model_dir = out_dir / label
+    scores: list[BenchmarkScore] = []
+    for bench in benchmarks:
+        store = ImageStore(out_dir / IMAGES_DIR / bench.key)
+        samples = bench.load(data_dir / bench.key, store)
+        logger.info("%s: %d questions", bench.key, len(samples))
+        report = evaluate(
+            generator, protocol, tools, samples, store.root, cfg, loop_cfg,
+            results_path=model_dir / bench.key / "results.jsonl",
+            progress=(lambda done, total, key=bench.key: progress(key, done, total)) if progress else None,
+            reward_cfg=dataclasses.replace(reward_cfg, **bench.reward_overrides),
+            model_id=model_id, overwrite=overwrite,
+        )  # fmt: skip
+        scores.append(BenchmarkScore.from_report(bench, report, {s.id: s.metadata for s in samples}))
+    result = SuiteResult(label=label, ks=list(cfg.ks), benchmarks=scores, model_id=model_id, engine=engine)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    summary = json.dumps(_json_safe(result.to_dict()), indent=2, ensure_ascii=False)
+    (model_dir / SUMMARY_FILE).write_text(summary, encoding="utf-8")
+    write_suite_reports(out_dir, collect_results(out_dir))
+    return result
+
+
+def collect_results(out_dir: str | Path) -> list[SuiteResult]:
+    """Every model's `SuiteResult` found as ``<out_dir>/<label>/summary.json`` (sorted by label)."""
+    results = []
+    for path in sorted(Path(out_dir).glob(f"*/{SUMMARY_FILE}")):
+        try:
+            results.append(SuiteResult.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s: unreadable summary skipped (%s)", path, exc)
+    return results
+
+
+def local_engine(cfg: Any, run: str | None = None) -> tuple[Any, ChatProtocol, str]:
+    """``(generator, protocol, model_id)`` for the local generator: a run folder's model, else
+    ``model.name`` (``tiny`` or a Hugging Face folder)."""
+    from axpo_nemo.local.generator import LocalGenerator
+    from axpo_nemo.local.pipeline import bundle_from_run
+    from axpo_nemo.models import build_policy
+
+    bundle = bundle_from_run(run, cfg) if run else build_policy(cfg.model, seed=cfg.seed)
+    return LocalGenerator.from_bundle(bundle), ChatProtocol(bundle.processor), str(run or cfg.model.name)
+
+
+def vllm_engine(cfg: Any, model_path: str) -> tuple[Any, ChatProtocol, str]:
+    """``(generator, protocol, model_id)`` for vLLM through NeMo-RL (imported only now).
+
+    Raises:
+        EngineUnavailable: vLLM / NeMo-RL is not importable here, or ``model_path`` is not a
+            Hugging Face model folder.
+    """
+    if not Path(model_path).is_dir():
+        raise EngineUnavailable(
+            f"--engine vllm needs a Hugging Face model folder (--run or model.name), got {model_path!r}"
+        )
+    try:
+        from axpo_nemo.nemo.generator import standalone_vllm_generator
+
+        generator = standalone_vllm_generator(model_path, cfg)
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"--engine vllm needs vLLM and NeMo-RL, which are not importable here ({exc}); run inside "
+            "the NeMo-RL container, or use --engine local"
+        ) from exc
+    from axpo_nemo.models import load_processor
+
+    return generator, ChatProtocol(load_processor(Path(model_path))), str(model_path)
+
+
+def default_label(run: str | None, model_name: str) -> str:
+    """A model's table name: the run folder's name, else the model folder's (or ``tiny``)."""
+    name = Path(run).name if run else Path(model_name).name
+    return name.lstrip("._") or "model"
+
+
+def run_suite_command(
+    cfg: Any,
+    *,
+    suite: str,
+    data_dir: str,
+    out: str,
+    engine: str = "local",
+    run: str | None = None,
+    label: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[SuiteResult, dict[str, Path]]:
+    """What ``axpo eval --suite`` does with a loaded `Config`: build the engine and tools, run the
+    suite, write the reports. Returns the result and the report paths."""
+    from axpo_nemo.agent.tools.registry import build_tools
+    from axpo_nemo.eval.suite.report import REPORT_FILES
+
+    benchmarks = resolve_suite(suite)
+    if engine not in ENGINES:
+        raise EngineUnavailable(f"--engine: choose one of {', '.join(ENGINES)} (got {engine!r})")
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
+    if engine == "vllm":
+        generator, protocol, model_id = vllm_engine(cfg, run or cfg.model.name)
+    else:
+        generator, protocol, model_id = local_engine(cfg, run)
+    loop_cfg = AgentLoopConfig.from_rollout_config(
+        cfg.rollout, tool_timeout_s=cfg.tools.timeout_s, tool_workers=cfg.tools.workers, seed=cfg.seed
+    )
+    with build_tools(cfg.tools) as tools:
+        result = run_suite(
+            generator, protocol, tools, benchmarks, data_dir, out, cfg.eval, loop_cfg,
+            label=label or default_label(run, cfg.model.name), model_id=model_id, engine=engine,
+            reward_cfg=cfg.reward, progress=progress,
+        )  # fmt: skip
+    return result, {name: Path(out) / filename for name, filename in REPORT_FILES.items()}
