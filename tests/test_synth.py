@@ -282,3 +282,22 @@ def test_sft_trajectories_replay_to_correct_answers(data, toolbox):
         final_text = protocol.decode(state.token_ids[last.start : last.end])
         score = score_answer(final_text, s.answer, s.answer_type, s.candidates, s.options)
         assert score.correct, (s.id, final_text, s.answer)
+
+
+def test_the_pipeline_reads_a_shard_folder_like_its_jsonl(tmp_path):
+    # `axpo data convert` writes shard folders; data.rl_file etc. may name one instead of a JSONL.
+    from axpo_nemo.config import load_config
+    from axpo_nemo.data.shards import SampleSink, iter_samples
+    from axpo_nemo.local.pipeline import Pipeline
+
+    src = tmp_path / "data"
+    synthesize(SynthConfig(num_sft=4, num_rl=6, num_eval=0), src)
+    with SampleSink(src / "rl_shards") as sink:
+        sink.write_all(iter_samples(src / "rl.jsonl"))
+    cfg = load_config("demo", [f"data.dir={src}", f"output_dir={tmp_path / 'run'}"])
+    pipeline = Pipeline(cfg)
+    from_jsonl, from_shards = pipeline._samples("rl.jsonl"), pipeline._samples("rl_shards")
+    assert [s.id for s in from_shards] == [s.id for s in from_jsonl] and len(from_jsonl) == 6
+    a = from_jsonl[0].load_images(src)
+    b = from_shards[0].load_images(src / "rl_shards")
+    assert [im.size for im in a] == [im.size for im in b] and a[0].tobytes() == b[0].tobytes()

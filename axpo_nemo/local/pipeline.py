@@ -41,6 +41,7 @@ from axpo_nemo.agent.tools.registry import Toolbox, build_tools
 from axpo_nemo.config.loader import ConfigError
 from axpo_nemo.config.schema import Config
 from axpo_nemo.data.schema import Sample, read_samples
+from axpo_nemo.data.shards import iter_samples
 from axpo_nemo.data.synth import synthesize
 from axpo_nemo.eval.export import export_hf
 from axpo_nemo.eval.passk import evaluate
@@ -178,6 +179,8 @@ class Pipeline:
             raise FileNotFoundError(
                 f"{path} does not exist (data.dir={self.data_dir}; enable the data stage?)"
             )
+        if path.is_dir():  # a shard folder (`axpo data convert` / `filter-sft` / `prune` output)
+            return list(iter_samples(path, decode="bytes"))
         return list(read_samples(path))
 
     def stage_sft(self, stop: GracefulStop) -> None:
