@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from axpo_nemo.agent.rewards import RewardConfig
 from axpo_nemo.agent.tools.registry import ToolsConfig
+from axpo_nemo.config.cluster import ClusterConfig, NemoConfig
 from axpo_nemo.core.config import AdvantageConfig, AXPOConfig, LossConfig, setting
 from axpo_nemo.data.synth import SynthConfig
 from axpo_nemo.eval.passk import EvalConfig
@@ -90,9 +91,9 @@ class DataConfig:
         "already holds a dataset made with the same settings.",
     )
     synth: SynthConfig = field(default_factory=SynthConfig)
-    sft_file: str = setting("sft.jsonl", "SFT trajectories, relative to data.dir.")
-    rl_file: str = setting("rl.jsonl", "RL questions, relative to data.dir.")
-    eval_file: str = setting("eval.jsonl", "Evaluation questions, relative to data.dir.")
+    sft_file: str = setting("sft.jsonl", "SFT trajectories, relative to data.dir: a JSONL file or a shard folder.")
+    rl_file: str = setting("rl.jsonl", "RL questions, relative to data.dir: a JSONL file or a shard folder.")
+    eval_file: str = setting("eval.jsonl", "Evaluation questions, relative to data.dir: a JSONL file or a shard folder.")
 
 
 STAGES = ("data", "sft", "rl", "eval", "export", "plots")
@@ -142,3 +143,5 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    nemo: NemoConfig = field(default_factory=NemoConfig)
