@@ -114,7 +114,6 @@ def vllm_sampling_params_class():
     return _import("vllm").SamplingParams
 
 
-
 # --- checkpoints and export -----------------------------------------------------------------
 
 
