@@ -154,16 +154,27 @@ def _train(args: argparse.Namespace) -> int:
     from axpo_nemo.local.pipeline import run_train
 
     cfg, tree = _load(args)
+    if cfg.backend == "nemo":
+        return _run_nemo(args, "rl")
     if cfg.backend != "local":
         print(f"axpo: backend '{cfg.backend}' is not available in this build; use backend=local", file=sys.stderr)
         return 2
     return _report_run(run_train(cfg, tree))
 
 
+def _run_nemo(args: argparse.Namespace, stage: str) -> int:
+    """Hand a ``backend=nemo`` run to the NeMo-RL entry point (exit 2 when NeMo-RL is missing)."""
+    from axpo_nemo.nemo.train import run
+
+    return run(args.config, args.overrides, stage=stage)
+
+
 def _sft(args: argparse.Namespace) -> int:
     from axpo_nemo.local.pipeline import run_train
 
     cfg, tree = _load(args, ["train.stages=[data,sft]"])
+    if cfg.backend == "nemo":
+        return _run_nemo(args, "sft")
     return _report_run(run_train(cfg, tree))
 
 
@@ -176,8 +187,85 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard_cfg(args: argparse.Namespace):
+    from axpo_nemo.data.shards import ShardConfig
+
+    return ShardConfig(max_samples=args.shard_samples, max_bytes=int(args.shard_mb * 2**20))
+
+
+def _data_convert(args: argparse.Namespace) -> int:
+    from axpo_nemo.data.converters import ConvertConfig, convert
+
+    cfg = ConvertConfig(
+        output=args.output, image_root=args.image_root, allowed_tools=args.allowed_tool,
+        max_pass_rate=args.max_pass_rate, keep_responses=args.keep_responses, limit=args.limit,
+        shard=_shard_cfg(args),
+    )  # fmt: skip
+    report = convert(args.format, args.input, args.out, cfg, overwrite=args.overwrite)
+    for bad in report.bad_examples:
+        print(f"  bad row {bad['row']}: {bad['error']}", file=sys.stderr)
+    print(report.summary())
+    print(f"written: {args.out} (bad rows: {args.out}/bad_rows.jsonl, report: {args.out}/convert_report.json)")
+    return 0 if report.written or not report.rows else 1
+
+
+def _data_filter_sft(args: argparse.Namespace) -> int:
+    from axpo_nemo.data.sft_filter import filter_sft
+
+    cfg, _ = _load(args)
+    report = filter_sft(
+        args.input, args.out, output=args.output, shard_cfg=_shard_cfg(args), reward_cfg=cfg.reward,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    print(report.summary())
+    return 0
+
+
+def _data_prune(args: argparse.Namespace) -> int:
+    from axpo_nemo.data.prune import PruneConfig, prune_pool
+
+    cfg = PruneConfig(
+        k=args.k, drop_sft_solved=not args.keep_sft_solved, drop_teacher_failed=not args.keep_teacher_failed,
+        missing=args.missing,
+    )  # fmt: skip
+    report = prune_pool(
+        args.pool, args.out, args.sft_results, args.teacher_results, cfg, output=args.output,
+        shard_cfg=_shard_cfg(args), overwrite=args.overwrite,
+    )  # fmt: skip
+    print(report.summary())
+    print(f"written: {args.out} (dropped ids: {args.out}/pruned.jsonl, report: {args.out}/prune_report.json)")
+    return 0
+
+
+def _eval_suite(args: argparse.Namespace) -> int:
+    from axpo_nemo.eval.suite import EngineUnavailable, paper_table, run_suite_command
+
+    if not args.data_dir:
+        print("axpo: --suite needs --data-dir (a folder with one sub-folder per benchmark)", file=sys.stderr)
+        return 2
+    cfg, _ = _load(args)
+
+    def progress(bench: str, done: int, total: int) -> None:
+        print(f"\r{bench}: {done}/{total} questions", end="\n" if done == total else "", flush=True)
+
+    try:
+        result, paths = run_suite_command(
+            cfg, suite=args.suite, data_dir=args.data_dir, out=args.out, engine=args.engine,
+            run=args.run, label=args.label, progress=progress,
+        )  # fmt: skip
+    except (EngineUnavailable, FileNotFoundError, ValueError) as exc:
+        print(f"axpo: {exc}", file=sys.stderr)
+        return 2
+    print(paper_table([result]))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    if args.suite:
+        return _eval_suite(args)
 
     from axpo_nemo.agent.protocol import ChatProtocol
     from axpo_nemo.data.schema import read_samples
@@ -206,12 +294,39 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from axpo_nemo.eval.export import export_hf
-    from axpo_nemo.local.pipeline import bundle_from_run
+    from axpo_nemo.eval.quantize import QuantizationUnavailable, QuantizeConfig
+    from axpo_nemo.nemo.adapter import NemoRLUnavailable
+    from axpo_nemo.nemo.export_megatron import export_any
 
     cfg, _ = _load(args)
-    path = export_hf(bundle_from_run(args.run, cfg), args.out, overwrite=args.overwrite)
-    print(f"exported {args.run} to {path}")
+    quant, schemas = None, None
+    if args.quantize:
+        from axpo_nemo.agent.tools.registry import build_tools
+
+        extra = {"exclude": args.quant_exclude} if args.quant_exclude else {}
+        quant = QuantizeConfig(
+            format=args.quantize, calib_samples=args.calib_samples, device=args.device, **extra
+        )
+        try:  # calibration prompts declare the tools, as rollouts do
+            with build_tools(cfg.tools) as tools:
+                schemas = tools.schemas()
+        except ValueError as exc:
+            print(f"axpo: calibrating without tool schemas ({exc})", file=sys.stderr)
+    try:
+        made = export_any(
+            args.run, args.out, source_format=args.format, step=args.step, cfg=cfg,
+            hf_model_name=args.hf_model_name, processor_from=args.processor_from,
+            chat_template=args.chat_template, strict=not args.no_strict, overwrite=args.overwrite,
+            quantize=quant, calib_data=args.calib_data, tool_schemas=schemas,
+        )  # fmt: skip
+    except (NemoRLUnavailable, QuantizationUnavailable, OSError, ValueError) as exc:
+        print(f"axpo: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run} ({made.source_format}) to {made.path}")
+    if made.quantized is not None:
+        q = made.quantized
+        print(f"  {q.format.name}: {len(q.quantized)} modules quantized, {len(q.excluded)} kept unquantized")
+        print(f"  serve: {q.vllm_command}")
     return 0
 
 
@@ -223,6 +338,29 @@ def _compare(args: argparse.Namespace) -> int:
     for png in pngs:
         print(f"plot: {png}")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from axpo_nemo.config import load_config
+    from axpo_nemo.nemo.plan import PlanError, plan
+
+    # `axpo plan CONFIG [KEY=VALUE ...]`: a leading argument without '=' names the config.
+    overrides = list(args.overrides)
+    if overrides and "=" not in overrides[0]:
+        if args.config:
+            print("axpo: plan: give the config either as --config or as the first argument", file=sys.stderr)
+            return 2
+        args.config = overrides.pop(0)
+    cfg = load_config(args.config, overrides)
+    try:
+        report = plan(cfg, str(args.config or "demo"))
+    except PlanError as exc:
+        print(f"axpo: plan: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
+    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,21 +409,113 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(synth)
     synth.set_defaults(handler=_data_synth)
 
+    def output_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--output", choices=("shards", "jsonl"), default="shards", help="output kind (default: shards)")
+        p.add_argument("--shard-samples", type=int, default=1000, help="samples per shard at most (default 1000)")
+        p.add_argument("--shard-mb", type=float, default=256.0, help="shard size target in MiB (default 256)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    conv = data_commands.add_parser(
+        "convert",
+        help="convert a public dataset file (ViRL39K, FVQA, PyVision-RL, MMFineReason) into shards",
+        description="Convert a public dataset file (.parquet/.json/.jsonl) into Sample shards or JSONL. "
+        "Bad rows are reported with their row number and skipped.",
+    )
+    conv.add_argument(
+        "--format", required=True, choices=("fvqa", "mmfinereason", "pyvision_rl", "virl39k"), help="dataset format"
+    )
+    conv.add_argument("input", help="dataset file (.parquet, .json or .jsonl)")
+    conv.add_argument("out", help="output folder")
+    conv.add_argument("--image-root", default=None, help="folder of relative image paths (default: the input's folder)")
+    conv.add_argument("--allowed-tool", action="append", default=[], help="a tool the questions may use (repeatable)")
+    conv.add_argument("--max-pass-rate", type=float, default=None, help="keep rows with pass rate <= this")
+    conv.add_argument("--keep-responses", action="store_true", help="MMFineReason: keep the teacher response (SFT)")
+    conv.add_argument("--limit", type=int, default=None, help="convert at most this many rows")
+    output_args(conv)
+    conv.set_defaults(handler=_data_convert)
+
+    filt = data_commands.add_parser(
+        "filter-sft",
+        help="keep only SFT trajectories whose final answer verifies against the reference",
+        description="Correctness filter for SFT trajectories (reward.* settings apply).",
+    )
+    filt.add_argument("input", help="trajectories: a JSONL file or a shard folder")
+    filt.add_argument("out", help="output folder")
+    output_args(filt)
+    _add_config_args(filt)
+    filt.set_defaults(handler=_data_filter_sft)
+
+    prune = data_commands.add_parser(
+        "prune",
+        help="drop RL questions the SFT model solves k/k or the teacher fails k/k",
+        description="Prune an RL question pool with rollout result files (the eval results.jsonl format).",
+    )
+    prune.add_argument("pool", help="questions: a JSONL file or a shard folder")
+    prune.add_argument("out", help="output folder")
+    prune.add_argument("--sft-results", action="append", required=True, help="SFT model results.jsonl (repeatable)")
+    prune.add_argument("--teacher-results", action="append", required=True, help="teacher results.jsonl (repeatable)")
+    prune.add_argument("-k", type=int, default=4, help="rollouts per question the rules need (default 4)")
+    prune.add_argument("--keep-sft-solved", action="store_true", help="do not drop questions the SFT model solves")
+    prune.add_argument("--keep-teacher-failed", action="store_true", help="do not drop questions the teacher fails")
+    prune.add_argument("--missing", choices=("keep", "drop"), default="keep", help="questions without records")
+    output_args(prune)
+    prune.set_defaults(handler=_data_prune)
+
     ev = commands.add_parser(
         "eval", help="Pass@k with tool metrics on a question file", description="Evaluate a run's model or model.name."
     )
     ev.add_argument("--run", default=None, help="a run folder (its newest RL checkpoint, else its SFT model)")
     ev.add_argument("--questions", default=None, help="question JSONL (default: the data folder's eval file)")
     ev.add_argument("--out", default="eval_out", help="report folder; results.jsonl there makes the eval resumable")
+    ev.add_argument(
+        "--suite",
+        default=None,
+        help="run the benchmark suite instead: all, reasoning, perception, search, or a comma list of "
+        "groups and benchmarks (mathvision, dynamath, mathverse, wemath, hrbench_4k, hrbench_8k, "
+        "visualprobe, vstar, hr_mmsearch, fvqa, mmsearch)",
+    )
+    ev.add_argument("--data-dir", default=None, help="--suite: folder with one sub-folder per benchmark")
+    ev.add_argument(
+        "--engine", default="local", choices=("local", "vllm"),
+        help="--suite: sample with the local generator, or vLLM through NeMo-RL (container)",
+    )  # fmt: skip
+    ev.add_argument("--label", default=None, help="--suite: the model's row name (default: run/model folder name)")
     _add_config_args(ev)
     ev.set_defaults(handler=_eval)
 
     export = commands.add_parser(
-        "export", help="write a run's model as a Hugging Face folder", description="Export a run's model."
+        "export",
+        help="write a run's or cluster checkpoint's model as a Hugging Face folder",
+        description="Export a local run, NeMo-RL checkpoint or Hugging Face folder, optionally quantized.",
     )
-    export.add_argument("--run", required=True, help="run folder")
+    export.add_argument(
+        "--run", "--checkpoint", dest="run", required=True,
+        help="local run folder, NeMo-RL checkpoint_dir or step_N folder, or Hugging Face folder",
+    )  # fmt: skip
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    export.add_argument(
+        "--format", default="auto", choices=("auto", "local", "megatron", "dtensor", "hf"),
+        help="what --run is (default: detected)",
+    )  # fmt: skip
+    export.add_argument("--step", type=int, default=None, help="NeMo-RL step (default: newest complete)")
+    export.add_argument("--hf-model-name", default=None, help="override the checkpoint's policy.model_name")
+    export.add_argument("--processor-from", default=None, help="folder with the processor and tokenizer")
+    export.add_argument(
+        "--chat-template", default="axpo", help="'axpo' (the project's), 'source' (the processor's) or a file"
+    )
+    export.add_argument("--no-strict", action="store_true", help="Megatron: save even if weights are missing")
+    export.add_argument(
+        "--quantize", default=None, choices=("fp8", "fp8_pc_pt", "nvfp4", "mxfp8"),
+        help="write a Model Optimizer quantized folder (needs axpo-nemo[quant])",
+    )  # fmt: skip
+    export.add_argument("--calib-data", default=None, help="questions to calibrate on (default: rl.jsonl)")
+    export.add_argument("--calib-samples", type=int, default=32, help="calibration questions")
+    export.add_argument(
+        "--quant-exclude", action="append", default=None, metavar="GLOB",
+        help="module-name glob kept in high precision (repeat; replaces the defaults)",
+    )  # fmt: skip
+    export.add_argument("--device", default="auto", help="calibration device: auto, cpu, cuda")
     _add_config_args(export)
     export.set_defaults(handler=_export)
 
@@ -295,6 +525,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="run folders (each holds metrics.jsonl)")
     compare.add_argument("--out", default="compare_out", help="folder for the plots")
     compare.set_defaults(handler=_compare)
+
+    plan = commands.add_parser(
+        "plan",
+        help="check a cluster config's parallel layout and estimate per-GPU memory",
+        description="Check a NeMo-RL cluster config (e.g. cluster/axpo_8b): TP/PP/CP/DP against the model and "
+        "the GPUs, batch divisibility, and a per-GPU memory estimate per phase. Exit code 1 when the layout "
+        "is invalid or does not fit cluster.gpu_memory_gib.",
+    )
+    plan.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_config_args(plan)
+    plan.set_defaults(handler=_plan)
 
     tools = commands.add_parser("tools", help="list and debug agent tools", description="List and debug agent tools.")
     tools_commands = tools.add_subparsers(dest="tools_command", metavar="SUBCOMMAND", required=True)

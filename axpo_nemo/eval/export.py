@@ -22,6 +22,11 @@ policy's architecture, processor and generation settings, without materialising 
 the model is built on the meta device and the state dict's tensors are assigned to it.
 `export_checkpoint` is the same with a loader callable that reads the state dict from a
 checkpoint folder.
+
+`complete_hf_folder` is the last step of exports made by other tools (NeMo-RL's Megatron→HF
+converter, a consolidated DTensor checkpoint, a quantized export): given a folder that holds
+weights and ``config.json`` only, it (re)writes the processor, tokenizer, chat template and
+generation config so the folder is the complete set above, and checks that it loads.
 """
 
 from __future__ import annotations
@@ -43,7 +48,15 @@ from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConf
 
 from axpo_nemo.models import PolicyBundle, load_processor, save_pretrained_bundle
 
-__all__ = ["export_checkpoint", "export_from_state_dict", "export_hf"]
+__all__ = [
+    "PROCESSOR_FILES",
+    "atomic_output_dir",
+    "complete_hf_folder",
+    "export_checkpoint",
+    "export_from_state_dict",
+    "export_hf",
+    "resolve_chat_template",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +64,21 @@ logger = logging.getLogger(__name__)
 _VIDEO_PROCESSOR_TYPE = "Qwen3VLVideoProcessor"
 #: Prefixes wrappers add to parameter names (torch.compile, DDP), stripped from state dicts.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+#: The processor-side files of a Hugging Face Qwen3-VL folder: `complete_hf_folder` replaces them
+#: all, so none of a converter's copies (e.g. the base model's chat template) survives.
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 @contextmanager
@@ -73,6 +101,15 @@ def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
+    """Context manager yielding a temporary folder beside ``out_dir`` that replaces it on success.
+
+    A failure (or interruption) removes the temporary folder and leaves ``out_dir`` as it was.
+    Raises FileExistsError when ``out_dir`` exists and ``overwrite`` is False.
+    """
+    return _atomic_dir(Path(out_dir).expanduser().absolute(), overwrite)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -280,3 +317,96 @@ def export_checkpoint(
         raise FileNotFoundError(f"export: checkpoint folder {checkpoint_dir} does not exist")
     state_dict = load_state_dict(checkpoint_dir)
     return export_from_state_dict(state_dict, base, out_dir, dtype=dtype, overwrite=overwrite)
+
+
+def resolve_chat_template(choice: str | os.PathLike | None, processor: Any = None) -> str | None:
+    """The chat template an export gets.
+
+    Args:
+        choice: ``"axpo"`` (or None): the project's template, which the policy was trained with;
+            ``"source"``: the processor's own template (None when it has none); anything else is
+            a path to a Jinja template file.
+        processor: the processor whose template ``"source"`` refers to.
+
+    Raises:
+        FileNotFoundError: ``choice`` is a path that does not exist.
+    """
+    if choice is None or choice == "axpo":
+        from axpo_nemo.models import load_chat_template
+
+        return load_chat_template()
+    if choice == "source":
+        template = getattr(processor, "chat_template", None) if processor is not None else None
+        return template if isinstance(template, str) else None
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"export: chat template {path} does not exist (use 'axpo', 'source' or a .jinja file)"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def _mark_stock_processor_class(folder: Path) -> None:
+    """Name the stock ``Qwen3VLProcessor`` in the saved configs (as `save_pretrained_bundle` does),
+    so AutoProcessor builds the full processor where torchvision exists."""
+    for name in ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        file = folder / name
+        if file.is_file():
+            data = _read_json(file)
+            if "processor_class" in data:
+                data["processor_class"] = Qwen3VLProcessor.__name__
+                _write_json(file, data)
+
+
+def complete_hf_folder(
+    folder: str | os.PathLike,
+    processor: Any,
+    *,
+    chat_template: str | None = None,
+    generation_config: GenerationConfig | None = None,
+) -> Path:
+    """Make a folder holding weights and ``config.json`` a complete Hugging Face Qwen3-VL folder.
+
+    Every file of `PROCESSOR_FILES` already there is removed, then ``processor`` (tokenizer and
+    image processor) is saved with ``chat_template`` as its and its tokenizer's template, the
+    stand-alone processor files and both chat-template forms are added, and
+    ``generation_config.json`` is written when missing. Weights and ``config.json`` are left as
+    they are. Finally the folder is checked: its config, processor and chat template load back.
+
+    Args:
+        folder: the folder (must hold ``config.json``).
+        processor: the Qwen3-VL processor to save (its ``chat_template`` is replaced when
+            ``chat_template`` is given).
+        chat_template: the template text; None keeps the processor's.
+        generation_config: written when the folder has no ``generation_config.json``; None derives
+            one from ``config.json``.
+
+    Returns:
+        The folder's path.
+
+    Raises:
+        FileNotFoundError: the folder has no ``config.json``.
+        ValueError: the completed folder does not load back, or has no chat template.
+    """
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"export: {folder} has no config.json (not a Hugging Face model folder)")
+    if chat_template is not None:
+        processor.chat_template = chat_template
+        processor.tokenizer.chat_template = chat_template
+    for name in PROCESSOR_FILES:
+        (folder / name).unlink(missing_ok=True)
+    processor.save_pretrained(folder)
+    _mark_stock_processor_class(folder)
+    _complete_processor_files(folder, processor)
+    if not (folder / "generation_config.json").is_file():
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        (generation_config or GenerationConfig.from_model_config(config)).save_pretrained(folder)
+    try:
+        AutoConfig.from_pretrained(folder, local_files_only=True)
+        reloaded = load_processor(folder)
+    except Exception as exc:
+        raise ValueError(f"export: the completed folder {folder} does not load back: {exc}") from exc
+    if not isinstance(getattr(reloaded, "chat_template", None), str):
+        raise ValueError(f"export: the completed folder {folder} has no chat template")
+    return folder
