@@ -245,6 +245,21 @@ def test_bad_calls_become_error_observations(proto, prompt):
         assert_renders_back(state, proto)
 
 
+def test_a_tool_the_question_does_not_offer_is_unknown_in_a_shared_batch(proto, prompt):
+    # Both states call echo in the same generation batch; only the second one's question offers it.
+    limited = make_state(prompt, [call("echo", text="hi"), answer("1")], 0, question_id="zoom-only")
+    full = make_state(prompt, [call("echo", text="hi"), answer("1")], 1, question_id="any")
+    gen = ScriptedGenerator(proto.tokenizer)
+    config = AgentLoopConfig(max_new_tokens=128, max_total_tokens=2048, tool_timeout_s=5.0)
+    offered = {"zoom-only": ["images"], "any": []}
+    run_rollouts([limited, full], gen, TOOLS, config, protocol=proto,
+                 allowed_tools=lambda s: offered[s.question_id])  # fmt: skip
+    assert gen.calls == 2  # one batch per turn for both states
+    (denied,), (ran,) = limited.tool_calls, full.tool_calls
+    assert denied.error == "unknown_tool" and not denied.well_formed
+    assert ran.error is None and ran.well_formed
+
+
 def test_odd_tool_outputs_never_break_the_trajectory(proto, prompt):
     weird = make_state(prompt, [call("weird"), answer("1")], 0)
     smuggler = make_state(prompt, [call("smuggler"), answer("2")], 1)

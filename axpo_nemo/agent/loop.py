@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -347,15 +347,23 @@ def run_rollouts(
     cfg: AgentLoopConfig,
     *,
     protocol: ChatProtocol,
+    allowed_tools: Callable[[TrajectoryState], Collection[str]] | None = None,
 ) -> list[TrajectoryState]:
     """Run every unfinished state to the end; returns the same states (updated in place).
 
     Each round generates one turn for all unfinished states in a single ``generator.generate``
     call, then executes all their tool calls concurrently. Forked states (from
-    `fork_at_tool_call`) continue their open turn exactly like originals.
+    `fork_at_tool_call`) continue their open turn exactly like originals. ``allowed_tools(state)``
+    names the tools a state's question offers (empty: all of ``tools``); a call to any other tool
+    is an ``unknown_tool`` error observation, as if the tool did not exist, while every state
+    still shares one generation batch per turn.
     """
     registry = _tool_registry(tools)
-    names = set(registry)
+    all_names = frozenset(registry)
+
+    def names_for(state: TrajectoryState) -> frozenset[str]:
+        allowed = allowed_tools(state) if allowed_tools is not None else None
+        return all_names & frozenset(allowed) if allowed else all_names
     runner = ToolRunner(cfg.tool_workers, cfg.tool_timeout_s)
     for s in states:
         if not s.finished and len(s) >= cfg.max_total_tokens:
@@ -367,7 +375,7 @@ def run_rollouts(
                 continue
             budget = min(cfg.max_new_tokens - s.open_turn_tokens, cfg.max_total_tokens - len(s))
             if budget <= 0:  # a fork whose prefix already used up its turn: close it as cut off
-                _end_turn(s, Continuation([], [], "length"), protocol, names, cfg)
+                _end_turn(s, Continuation([], [], "length"), protocol, names_for(s), cfg)
                 s.finish("length")
                 continue
             batch.append(s)
@@ -384,7 +392,7 @@ def run_rollouts(
         calling = []
         for s, cont in zip(batch, continuations, strict=True):
             s.append_generated(cont.token_ids, cont.logprobs)
-            if not _end_turn(s, cont, protocol, names, cfg):
+            if not _end_turn(s, cont, protocol, names_for(s), cfg):
                 continue
             records = [r for r in s.tool_calls if r.turn == s.turns[-1].index]
             calling.append((s, records))

@@ -30,7 +30,6 @@ resumed from `RLTrainer.state_dict` reproduces the uninterrupted run's metrics e
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -43,11 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from axpo_nemo.agent.groups import group_states, resample_states
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig, score_answer
 from axpo_nemo.agent.tools.base import Tool
-from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed, fork_at_tool_call
+from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
 from axpo_nemo.core import (
     AdvantageConfig,
     AXPOConfig,
@@ -292,39 +292,15 @@ class RLTrainer(ResumableTrainer):
         return res.reward, res.correct
 
     def _rollouts(self, states: list[TrajectoryState]) -> list:
-        run_rollouts(states, self.generator, self.tools, self.loop_cfg, protocol=self.protocol)
+        run_rollouts(
+            states, self.generator, self.tools, self.loop_cfg, protocol=self.protocol,
+            allowed_tools=lambda s: self.questions[s.metadata["question"]].allowed_tools,
+        )  # fmt: skip
         out = []
         for s in states:
             reward, correct = self._reward(s)
             out.append(s.to_rollout(reward=reward, correct=correct))
         return out
-
-    def _resample(
-        self, plan: ResamplePlan, states: list[TrajectoryState], prompts: list
-    ) -> list[TrajectoryState]:
-        """The K continuations of every selected prefix (forks, or fresh rollouts without prefix fixing)."""
-        extra: list[TrajectoryState] = []
-        for j, src in enumerate(plan.selected.tolist()):
-            seeds = [derive_seed("resample", self.cfg.seed, self.step_count, j, k) for k in range(plan.k)]
-            source = states[src]
-            if plan.prefix_fixing:
-                forks = fork_at_tool_call(source, plan.k, source=src, seeds=seeds)
-            else:
-                forks = []
-                for seed in seeds:
-                    fresh = TrajectoryState.from_prompt(
-                        prompts[source.group],
-                        group=source.group,
-                        seed=seed,
-                        question_id=source.question_id,
-                        metadata=copy.deepcopy(source.metadata),
-                    )
-                    fresh.source, fresh.prefix_len = src, int(plan.prefix_len[j])
-                    forks.append(fresh)
-            for f in forks:
-                f.index = len(states) + len(extra)
-                extra.append(f)
-        return extra
 
     # -- logprobs and update -------------------------------------------------------------------
 
@@ -489,18 +465,9 @@ class RLTrainer(ResumableTrainer):
             sample = self.questions[q]
             images = sample.load_images(self.data_root)
             prompts.append(self.protocol.build_prompt(sample.question, images, self._tools_for(sample)))
-        states = [
-            TrajectoryState.from_prompt(
-                prompts[g],
-                group=g,
-                seed=derive_seed("rollout", cfg.seed, self.step_count, g, i),
-                question_id=self.questions[q].id,
-                metadata={"question": q},
-                index=g * n + i,
-            )
-            for g, q in enumerate(picks)
-            for i in range(n)
-        ]
+        states = group_states(
+            prompts, picks, [self.questions[q].id for q in picks], group_size=n, seed=cfg.seed, step=self.step_count
+        )
         originals = RolloutBatch.from_rollouts(self._rollouts(states), pad_id=self.pad_id)
         t_rollout = time.perf_counter()
 
@@ -511,7 +478,7 @@ class RLTrainer(ResumableTrainer):
                 originals, self.axpo_cfg, seed=derive_seed("plan", cfg.seed, self.step_count)
             )
             if plan.num_selected:
-                extra = self._resample(plan, states, prompts)
+                extra = resample_states(plan, states, prompts, seed=cfg.seed, step=self.step_count)
                 if cfg.overlap_scoring:
                     extra_batch, early = self._rollouts_while_scoring(extra, states, originals)
                 else:

@@ -30,7 +30,6 @@ orchestration is plain Python over duck-typed objects.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -41,16 +40,16 @@ from typing import Any
 
 import torch
 
+from axpo_nemo.agent.groups import group_states, resample_states
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig
 from axpo_nemo.agent.tools.base import Tool
-from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed, fork_at_tool_call
+from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
 from axpo_nemo.core import (
     AdvantageConfig,
     AXPOConfig,
     LossConfig,
-    ResamplePlan,
     RolloutBatch,
     assemble_advantages,
     plan_resampling,
@@ -174,19 +173,10 @@ class NemoRLTrainer:
         return {name: t for name, t in self.tools.items() if name in sample.allowed_tools}
 
     def _rollouts(self, states: list[TrajectoryState]) -> list:
-        # run_rollouts executes calls against one registry, so questions with other tool sets run apart.
-        by_tools: dict[tuple, list[TrajectoryState]] = {}
-        for s in states:
-            allowed = tuple(sorted(self._tools_for(self.questions[s.metadata["question"]])))
-            by_tools.setdefault(allowed, []).append(s)
-        for allowed, group in by_tools.items():
-            run_rollouts(
-                group,
-                self.generator,
-                {n: self.tools[n] for n in allowed},
-                self.loop_cfg,
-                protocol=self.protocol,
-            )
+        run_rollouts(
+            states, self.generator, self.tools, self.loop_cfg, protocol=self.protocol,
+            allowed_tools=lambda s: self.questions[s.metadata["question"]].allowed_tools,
+        )  # fmt: skip
         out = []
         for s in states:
             reward, correct = reward_of(
@@ -194,29 +184,6 @@ class NemoRLTrainer:
             )
             out.append(s.to_rollout(reward=reward, correct=correct))
         return out
-
-    def _resample(
-        self, plan: ResamplePlan, states: list[TrajectoryState], prompts: list
-    ) -> list[TrajectoryState]:
-        extra: list[TrajectoryState] = []
-        for j, src in enumerate(plan.selected.tolist()):
-            seeds = [derive_seed("resample", self.seed, self.step_count, j, k) for k in range(plan.k)]
-            source = states[src]
-            if plan.prefix_fixing:
-                forks = fork_at_tool_call(source, plan.k, source=src, seeds=seeds)
-            else:
-                forks = []
-                for seed in seeds:
-                    fresh = TrajectoryState.from_prompt(
-                        prompts[source.group], group=source.group, seed=seed,
-                        question_id=source.question_id, metadata=copy.deepcopy(source.metadata),
-                    )  # fmt: skip
-                    fresh.source, fresh.prefix_len = src, int(plan.prefix_len[j])
-                    forks.append(fresh)
-            for f in forks:
-                f.index = len(states) + len(extra)
-                extra.append(f)
-        return extra
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -232,18 +199,9 @@ class NemoRLTrainer:
             prompts.append(
                 self.protocol.build_prompt(sample.question, images, list(self._tools_for(sample).values()))
             )
-        states = [
-            TrajectoryState.from_prompt(
-                prompts[g],
-                group=g,
-                seed=derive_seed("rollout", self.seed, self.step_count, g, i),
-                question_id=self.questions[q].id,
-                metadata={"question": q},
-                index=g * n + i,
-            )
-            for g, q in enumerate(picks)
-            for i in range(n)
-        ]
+        states = group_states(
+            prompts, picks, [self.questions[q].id for q in picks], group_size=n, seed=self.seed, step=self.step_count
+        )
         invalid_before = getattr(getattr(self.generator, "stats", None), "invalid_logprob_samples", 0)
         self.wake()
         try:
@@ -257,7 +215,7 @@ class NemoRLTrainer:
                     originals, self.axpo_cfg, seed=derive_seed("plan", self.seed, self.step_count)
                 )
                 if plan.num_selected:
-                    extra = self._resample(plan, states, prompts)
+                    extra = resample_states(plan, states, prompts, seed=self.seed, step=self.step_count)
                     resampled = RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_token_id)
                     valid_extra, resampled.logprobs = sanitize_behaviour_logprobs(
                         resampled.generated, resampled.logprobs
