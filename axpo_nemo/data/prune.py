@@ -29,6 +29,7 @@ from typing import Any
 
 from axpo_nemo.core.config import ValidatedConfig, setting
 from axpo_nemo.data.shards import SampleSink, ShardConfig, iter_samples
+from axpo_nemo.eval.passk import read_results_file
 
 __all__ = ["PruneConfig", "PruneReport", "prune_pool", "read_results"]
 
@@ -104,27 +105,12 @@ def read_results(paths: Iterable[str | Path]) -> dict[str, dict[str, int]]:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such results file")
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    logger.warning("%s:%d: skipped an unreadable line", path, number)
-                    continue
-                if not isinstance(obj, dict) or obj.get("type") != "question":
-                    continue
-                qid, n, correct = obj.get("id"), obj.get("n"), obj.get("correct")
-                if not isinstance(qid, str) or not isinstance(n, int) or not isinstance(correct, int):
-                    logger.warning("%s:%d: skipped a record without id/n/correct", path, number)
-                    continue
-                if not 0 <= correct <= n:
-                    logger.warning(
-                        "%s:%d: skipped a record with correct=%d of n=%d", path, number, correct, n
-                    )
-                    continue
-                out[qid] = {"n": n, "correct": correct}
+        for obj in read_results_file(path)[1]:
+            qid, n, correct = obj["id"], obj.get("n"), obj.get("correct")
+            if not isinstance(n, int) or not isinstance(correct, int) or not 0 <= correct <= n:
+                logger.warning("%s: skipped the record of %s (n=%r, correct=%r)", path, qid, n, correct)
+                continue
+            out[qid] = {"n": n, "correct": correct}
     return out
 
 

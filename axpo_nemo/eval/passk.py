@@ -351,8 +351,8 @@ def _fingerprint_config(
     }
 
 
-def _read_results(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(header, question records) of a results file; unreadable lines (a torn tail) are skipped."""
+def read_results_file(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(header, question records) of a ``results.jsonl``; unreadable lines (a torn tail) are skipped."""
     header, records = None, []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -391,7 +391,7 @@ def _open_results(
     """
     records: dict[str, dict[str, Any]] = {}
     if path.exists():
-        header, old = _read_results(path)
+        header, old = read_results_file(path)
         if header is not None and header.get("fingerprint") == fingerprint:
             records = {r["id"]: r for r in old if r.get("fingerprint") == fingerprint}
         elif header is None and not old:

@@ -21,11 +21,11 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from axpo_nemo.agent.tools.base import Tool, ToolContext, ToolResult
-from axpo_nemo.agent.tools.registry import ToolsConfig, build_tools
+from axpo_nemo.agent.tools.registry import Toolbox, ToolsConfig, build_tools
 
 __all__ = ["RayToolPool", "RemoteTool", "ToolHost"]
 
@@ -88,7 +88,7 @@ class RemoteTool:
         return self.pool.call(self.name, arguments, context)
 
 
-class RayToolPool(Mapping[str, Tool]):
+class RayToolPool(Toolbox):
     """A pool of ``workers`` Ray actors running the configured tools (module docstring).
 
     Use it as the agent loop's tool mapping (``run_rollouts(states, gen, pool, ...)``) and close it
@@ -146,7 +146,7 @@ class RayToolPool(Mapping[str, Tool]):
             ) from exc
         for actor in actors:
             self._free.put(actor)
-        self._tools = {name: RemoteTool(self, name, schema) for name, schema in schemas.items()}
+        super().__init__({name: RemoteTool(self, name, schema) for name, schema in schemas.items()})
 
     def _spawn(self):
         actor = self._actor_cls.remote(self.cfg, self._factory)
@@ -207,21 +207,6 @@ class RayToolPool(Mapping[str, Tool]):
             return
         self._free.put(actor)
 
-    # -- Mapping[str, Tool] --------------------------------------------------------------------
-
-    def __getitem__(self, name: str) -> Tool:
-        return self._tools[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tools)
-
-    def __len__(self) -> int:
-        return len(self._tools)
-
-    def schemas(self) -> list[dict]:
-        """The tools' schemas, for the system prompt (as `Toolbox.schemas`)."""
-        return [tool.schema() for tool in self._tools.values()]
-
     def close(self) -> None:
         """Close every actor's tools and kill the actors."""
         if self._closed:
@@ -234,9 +219,3 @@ class RayToolPool(Mapping[str, Tool]):
                 self._ray.get(actor.close.remote(), timeout=10)
             with contextlib.suppress(Exception):
                 self._ray.kill(actor, no_restart=True)
-
-    def __enter__(self) -> RayToolPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
