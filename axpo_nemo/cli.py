@@ -155,15 +155,17 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg, tree = _load(args)
     if cfg.backend == "nemo":
-        return _run_nemo(args, "rl")
+        return _run_nemo(args, None)
     if cfg.backend != "local":
         print(f"axpo: backend '{cfg.backend}' is not available in this build; use backend=local", file=sys.stderr)
         return 2
     return _report_run(run_train(cfg, tree))
 
 
-def _run_nemo(args: argparse.Namespace, stage: str) -> int:
-    """Hand a ``backend=nemo`` run to the NeMo-RL entry point (exit 2 when NeMo-RL is missing)."""
+def _run_nemo(args: argparse.Namespace, stage: str | None) -> int:
+    """Hand a ``backend=nemo`` run to the NeMo-RL entry point (exit 2 when NeMo-RL is missing).
+
+    ``stage`` None: the one of sft/rl that ``train.stages`` names."""
     from axpo_nemo.nemo.train import run
 
     return run(args.config, args.overrides, stage=stage)

@@ -42,3 +42,14 @@ def test_a_vision_freeze_v070_cannot_apply_is_refused_by_name(capsys):
     assert nemo_train_main(["--config", "cluster/axpo_2b", "nemo.megatron.freeze_vision_model=true"]) == 2
     err = capsys.readouterr().err
     assert "nemo.megatron.freeze_vision_model" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "module"),
+    [(["--config", "cluster/sft_2b"], "nemo_rl.algorithms.sft"), (["--config", "cluster/axpo_2b"], "nemo_rl.algorithms.grpo")],
+)
+def test_the_stage_comes_from_train_stages(argv, module, capsys):
+    # cluster/sft_* sets train.stages=[sft]: the entry runs NeMo-RL's SFT, not the RL loop.
+    assert nemo_train_main(argv) == 2
+    assert module in capsys.readouterr().err
+

@@ -32,8 +32,11 @@ def check_plan(cfg, config_name: str) -> list[str]:
     return list(report.errors)
 
 
-def run(config: str | None, overrides: Sequence[str], *, skip_plan: bool = False, stage: str = "rl") -> int:
-    """Check NeMo-RL imports, load the config, check the plan, init Ray and train (``stage``: ``rl`` or ``sft``).
+def run(config: str | None, overrides: Sequence[str], *, skip_plan: bool = False, stage: str | None = None) -> int:
+    """Check NeMo-RL imports, load the config, check the plan, init Ray and train.
+
+    ``stage`` is ``rl`` or ``sft``; None takes it from ``train.stages``: rl when it is listed, else
+    sft (a NeMo-RL job runs one of the two; SFT exports a model that an RL config then names).
 
     Returns the exit code; a missing NeMo-RL, a bad config or a failed plan print one line and give 2.
     """
@@ -48,6 +51,13 @@ def run(config: str | None, overrides: Sequence[str], *, skip_plan: bool = False
         print(f"axpo: config error: {exc}", file=sys.stderr)
         return 2
     cfg = OmegaConf.to_object(tree)
+    if stage is None:
+        stage = "rl" if "rl" in cfg.train.stages or "sft" not in cfg.train.stages else "sft"
+        if stage == "rl" and "sft" in cfg.train.stages:
+            logging.getLogger(__name__).warning(
+                "train.stages has sft and rl: a NeMo-RL job runs one; this one runs rl from model.name "
+                "(run SFT as its own job: axpo sft, or a cluster/sft_* config)"
+            )
     if cfg.nemo.megatron.freeze_vision_model:
         # `axpo plan` sizes a frozen tower, but v0.7.0's Megatron policy has no switch to freeze it.
         print("axpo: config error: nemo.megatron.freeze_vision_model=true is not supported by NeMo-RL "
