@@ -239,6 +239,8 @@ def _megatron_cfg(cfg: Config, optimizer: dict[str, Any], scheduler: dict[str, A
         "mtp_detach_heads": False,
         "gradient_accumulation_fusion": False,
         "use_fused_weighted_squared_relu": False,
+        # NotRequired in v0.7.0's MegatronConfig, but sft.setup reads it with [] when Megatron is on.
+        "use_linear_ce_fusion_loss": False,
         "peft": {"enabled": False},
         "optimizer": optimizer,
         "scheduler": scheduler,
