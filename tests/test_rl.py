@@ -239,8 +239,8 @@ def test_grpo_equals_axpo_without_budget(base, questions):
 
 
 def test_scoring_originals_during_the_resample_wave_changes_nothing(base, questions):
-    # The overlapped path scores the originals on a second thread while the forks generate; it
-    # must train on the same logprobs as the sequential path.
+    # The overlapped path scores the originals on a second thread while the forks generate, and
+    # backpropagates the group without a selected prefix there; it must make the same update.
     kw = {"reward_fn": tools_fail_reward, "loss": LossConfig(kl_coef=0.05), "axpo": AXPOConfig(r=0.5, k=2)}
     overlapped = make(base, questions, overlap_scoring=True, **kw)
     sequential = make(base, questions, overlap_scoring=False, **kw)
@@ -251,8 +251,57 @@ def test_scoring_originals_during_the_resample_wave_changes_nothing(base, questi
     torch.testing.assert_close(
         overlapped.last.old_logprobs[mask], sequential.last.old_logprobs[mask], atol=1e-5, rtol=0
     )
-    for name in ("loss", "kl_penalty", "grad_norm", "loss_tokens", "rows"):
+    for name in ("loss", "pg_loss", "kl_penalty", "ratio_mean", "grad_norm", "loss_tokens", "rows"):
         assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), name
+    # the untriggered group's rows were backpropagated during the wave, and the update is the same
+    assert sequential.last_early_micro_batches == 0
+    for p, q in zip(overlapped.model.parameters(), sequential.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0)  # Adam: float noise on ~0 gradients
+
+
+def test_where_the_wave_cuts_the_early_work_changes_no_bit(base, questions, monkeypatch):
+    # The wave may end before, during or after the early micro-batches: same update either way.
+    import threading
+
+    from axpo_nemo.local import rl
+
+    class Never(threading.Event):  # the wave "never ends": every early micro-batch runs early
+        def is_set(self):
+            return False
+
+    class Always(threading.Event):  # the wave "ended at once": none runs early
+        def is_set(self):
+            return True
+
+    kw = {"reward_fn": tools_fail_reward, "loss": LossConfig(kl_coef=0.05), "axpo": AXPOConfig(r=0.5, k=2)}
+    runs = {}
+    for name, event in (("never", Never), ("always", Always)):
+        monkeypatch.setattr(rl, "_wave_signal", event)
+        trainer = make(base, questions, micro_batch_size=1, **kw)
+        metrics = comparable(trainer.step())
+        runs[name] = (metrics, trainer.last_early_micro_batches, [p.detach().clone() for p in trainer.model.parameters()])
+    (a, na, pa), (b, nb, pb) = runs["never"], runs["always"]
+    assert na == 2 and nb == 0
+    assert a == b and all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+
+
+def test_early_gradients_are_dropped_when_their_advantages_changed(base, questions):
+    from axpo_nemo.local.rl import _EarlyUpdate
+
+    trainer = make(base, questions, reward_fn=mixed_reward)
+    trainer.step()
+    adv = trainer.last.advantages
+    r0 = 4  # the originals: 2 questions x 2 rollouts
+    for p in trainer.model.parameters():
+        p.grad = torch.ones_like(p)
+    pre = _EarlyUpdate([0, 1], [], 1, adv.advantages[:r0].clone(), adv.loss_mask[:r0].clone(), {})
+    assert trainer._confirm_early(pre, adv, {0, 1, 2, 3}) is pre  # unchanged: kept
+    assert all(p.grad is not None for p in trainer.model.parameters())
+    changed = adv.advantages.clone()
+    changed[1][adv.loss_mask[1]] += 0.5
+    moved = type(adv)(changed, adv.loss_mask, adv.row_advantage, adv.prefix_reward, adv.prefix_advantage)
+    assert trainer._confirm_early(pre, moved, {0, 1, 2, 3}) is None  # changed: recomputed
+    assert all(p.grad is None for p in trainer.model.parameters())
 
 
 def test_skipping_zero_advantage_rows_gives_the_same_update(base, questions):

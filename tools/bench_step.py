@@ -16,7 +16,9 @@ Both algorithms start from the same weights and seeds (their first step samples 
 original rollouts); AXPO then resamples (at most r·B·N extra rollouts from frozen prefixes, each
 prefix prefilled once) and trains on the extra rows. After one untimed step each (sandbox pool
 start, caches), the algorithms alternate step by step so load drift on a shared machine hits
-both alike. Reported per step: time and its breakdown (rollout, resample, logprobs, train),
+both alike, and each timed step starts every algorithm from the same weights (GRPO's), so their
+original rollouts are identical and the ratio measures AXPO's own extra work
+(``--independent`` lets them drift apart instead). Reported per step: time and its breakdown (rollout, resample, logprobs, train),
 rows, tool use, triggered groups, prefixes, and the generator's prefilled tokens and rows that
 reused a shared prefill; then the mean AXPO/GRPO step-time ratio (target <= 1.15), in wall time
 and in this process's CPU time (which other processes on a shared machine disturb far less).
@@ -24,7 +26,8 @@ and in this process's CPU time (which other processes on a shared machine distur
 ``--budget-matched`` adds GRPO with N·(1+r) rollouts per question (``grpo_bm``).
 
 Usage: ``python tools/bench_step.py [--steps 3] [--budget-matched] [--sft-steps 0]
-[--max-new-tokens 96] [--scripted-calls 0.5] [--kl-coef 0.01] [--threads 1] [--device cpu]``.
+[--max-new-tokens 96] [--scripted-calls 0.5] [--kl-coef 0.01] [--threads 1] [--device cpu]
+[--independent]``.
 """
 
 from __future__ import annotations
@@ -163,11 +166,19 @@ def _trainer(
     )
 
 
-def _timed_steps(trainers: dict[str, RLTrainer], steps: int) -> dict[str, list[dict]]:
-    """Alternate the algorithms step by step (so machine-load drift hits both alike)."""
+def _timed_steps(trainers: dict[str, RLTrainer], steps: int, synced: bool) -> dict[str, list[dict]]:
+    """Alternate the algorithms step by step (so machine-load drift hits both alike).
+
+    ``synced``: every step starts each algorithm from GRPO's current weights, so all of them
+    sample the same original rollouts and the ratio isolates AXPO's own work (the resample wave
+    and its rows); otherwise each trains on, and their rollouts drift apart.
+    """
     results: dict[str, list[dict]] = {alg: [] for alg in trainers}
     for _ in range(steps):
+        weights = copy.deepcopy(trainers["grpo"].model.state_dict()) if synced else None
         for alg, trainer in trainers.items():
+            if weights is not None:
+                trainer.model.load_state_dict(weights)
             wrapper = trainer.generator
             for counter in wrapper.phase_stats.values():
                 counter.clear()
@@ -201,6 +212,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--independent",
+        action="store_true",
+        help="let each algorithm train on from its own weights (default: every step starts from the same weights)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None, help="reuse a synthesized dataset folder")
     args = parser.parse_args()
@@ -229,13 +245,13 @@ def main() -> None:
             trainers["grpo_bm"] = _trainer("grpo", base, data_dir, tools, loop, args, n_bm)
         for trainer in trainers.values():  # untimed: starts the sandbox pool, warms caches
             trainer.step()
-        results = _timed_steps(trainers, args.steps)
+        results = _timed_steps(trainers, args.steps, synced=not args.independent)
     finally:
         tools.close()
 
     print(
         f"\nB={args.b} N={args.n} K={args.k} r={args.r} max_new_tokens={args.max_new_tokens} "
-        f"threads={args.threads} device={args.device}"
+        f"threads={args.threads} device={args.device} weights={'independent' if args.independent else 'synced'}"
     )
     header = f"{'algorithm':<9} {'step':>4} {'step_s':>7} " + " ".join(f"{p:>10}" for p in PHASES)
     header += f" {'rows':>5} {'tool_use':>8} {'triggered':>9} {'prefixes':>8}"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,8 @@ from axpo_nemo.local.resumable import ResumableTrainer
 __all__ = ["LOSS_METRIC_NAMES", "RLConfig", "RLTrainer", "StepRecord", "final_answer_text"]
 
 logger = logging.getLogger(__name__)
+#: Makes the event that tells the early-update thread the resample wave is done (tests replace it).
+_wave_signal = threading.Event
 
 #: Loss metrics `RLTrainer.step` reports (averaged over the step's optimizer steps).
 LOSS_METRIC_NAMES = (
@@ -122,11 +125,33 @@ class RLConfig(ValidatedConfig):
     log_entropy: bool = setting(False, "Report the policy entropy on loss tokens (costs a softmax).")
     overlap_scoring: bool = setting(
         True,
-        "AXPO: compute the original rollouts' old and reference logprobs on a second thread while "
-        "the resample wave generates (they do not depend on it). Exact; on a CPU it puts the core "
-        "that single-threaded decoding leaves idle to work.",
+        "AXPO: while the resample wave generates, a second thread computes the original rollouts' "
+        "old and reference logprobs and (one optimizer step per RL step, i.e. ppo_epochs = "
+        "mini_batches = 1) backpropagates the rows of groups with no selected prefix, whose "
+        "advantages the wave cannot change. Same update up to float summation order; on a CPU it "
+        "puts the core that single-threaded decoding leaves idle to work.",
     )
     seed: int = setting(0, "Seed of question order, sampling, selection and mini-batch shuffles.")
+
+
+@dataclass
+class _EarlyUpdate:
+    """The rows backpropagated from while the resample wave generated (`RLConfig.overlap_scoring`).
+
+    Attributes:
+        rows: the original rows of groups with no selected prefix that carry loss.
+        remaining: their micro-batches the wave left undone, in order.
+        done: micro-batches done during the wave (their gradients are in ``.grad``, unscaled).
+        advantages, loss_mask: the originals' ([R0, S0]) as those rows train.
+        sums: the loss metrics of the done micro-batches, as sums (``num_tokens`` = 1).
+    """
+
+    rows: list[int]
+    remaining: list[list[int]]
+    done: int
+    advantages: torch.Tensor
+    loss_mask: torch.Tensor
+    sums: dict[str, float]
 
 
 @dataclass
@@ -249,6 +274,7 @@ class RLTrainer(ResumableTrainer):
             "skipped_updates": 0,
         }
         self.last: StepRecord | None = None
+        self.last_early_micro_batches = 0  # of the last step (see `RLConfig.overlap_scoring`)
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -334,31 +360,90 @@ class RLTrainer(ResumableTrainer):
         return old, ref
 
     def _rollouts_while_scoring(
-        self, extra: list[TrajectoryState], states: list[TrajectoryState], originals: RolloutBatch
-    ) -> tuple[RolloutBatch, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Roll the resampled states out while a second thread scores the original rows.
+        self,
+        extra: list[TrajectoryState],
+        states: list[TrajectoryState],
+        originals: RolloutBatch,
+        plan: ResamplePlan,
+    ) -> tuple[RolloutBatch, tuple[torch.Tensor, torch.Tensor | None], _EarlyUpdate | None]:
+        """Roll the resampled states out while a second thread works on the original rows.
 
-        The originals' old and reference logprobs depend on nothing the resample wave produces
-        (the weights do not change before the update), so they are computed concurrently, at
-        every generated position (a superset of their loss tokens). Both threads run torch
-        single-threaded for the duration, so results do not depend on timing.
+        Nothing the resample wave produces changes the originals' old and reference logprobs (the
+        weights do not change before the update), nor the advantages of groups with no selected
+        prefix. So the second thread scores every original row, at every generated position (a
+        superset of the loss tokens), and then, when the step takes one optimizer step,
+        backpropagates those groups' rows, micro-batch by micro-batch, until the wave is done
+        (`_EarlyUpdate`; `_confirm_early` checks the premise afterwards, the update does the
+        rest). Those micro-batches always run single-threaded and in the same order, wherever
+        they run, so where the wave happens to cut them changes no result.
         """
         batches = self._micro_batches(list(range(originals.num_rows)), states)
         threads = torch.get_num_threads()
+        cfg = self.cfg
+        train_early = cfg.ppo_epochs == 1 and cfg.mini_batches == 1 and not cfg.log_entropy
+        selected_groups = {int(states[src].group) for src in plan.selected.tolist()}
 
-        def score():
+        def work():
             torch.set_num_threads(1)
-            return self._score_pair(states, originals.generated, batches)
+            old, ref = self._score_pair(states, originals.generated, batches)
+            if not train_early:
+                return (old, ref), None
+            finite = torch.where(originals.generated, old, 0.0).isfinite().all(dim=1)
+            if ref is not None:
+                finite &= torch.where(originals.generated, ref, 0.0).isfinite().all(dim=1)
+            adv = assemble_advantages(originals, None, self.axpo_cfg, self.adv_cfg, row_mask=finite)
+            signal = ((adv.advantages != 0) & adv.loss_mask).any(dim=1)
+            skips = cfg.skip_zero_advantage and self.loss_cfg.kl_coef == 0
+            rows = [
+                i
+                for i in range(originals.num_rows)
+                if int(originals.group[i]) not in selected_groups
+                and bool(finite[i])
+                and bool(adv.loss_mask[i].any())
+                and not (skips and not bool(signal[i]))
+            ]
+            sums = {name: 0.0 for name in LOSS_METRIC_NAMES}
+            self.optimizer.zero_grad(set_to_none=True)
+            todo = self._micro_batches(rows, states)
+            done = 0
+            while done < len(todo) and not wave_done.is_set():  # loss sums; scaled in the update
+                self._accumulate(states, adv, old, ref, todo[done : done + 1], 1, sums)
+                done += 1
+            return (old, ref), _EarlyUpdate(rows, todo[done:], done, adv.advantages, adv.loss_mask, sums)
 
+        wave_done = _wave_signal()
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="axpo-score") as pool:
-                scores = pool.submit(score)
-                extra_batch = RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_id)
-                early = scores.result()
+                future = pool.submit(work)
+                try:
+                    extra_batch = RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_id)
+                finally:
+                    wave_done.set()  # the thread finishes its micro-batch and leaves the rest
+                early, pre = future.result()
         finally:
             torch.set_num_threads(threads)
-        return extra_batch, early
+        return extra_batch, early, pre
+
+    def _confirm_early(self, pre: _EarlyUpdate, adv: StepAdvantages, trained: set[int]) -> _EarlyUpdate | None:
+        """``pre`` if its rows train with exactly the step's final advantages and masks; else None.
+
+        It holds by construction (their groups have no resampled rows); checked anyway, and on a
+        mismatch the early gradients are dropped and every row is computed in the update.
+        """
+        s0 = pre.loss_mask.shape[1]
+        for i in pre.rows:
+            same = (
+                i in trained
+                and torch.equal(adv.loss_mask[i, :s0], pre.loss_mask[i])
+                and not adv.loss_mask[i, s0:].any()
+                and torch.equal(adv.advantages[i, :s0], pre.advantages[i])
+            )
+            if not same:
+                logger.warning("rl: row %d's advantages changed after the resample wave; recomputing the update", i)
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+        return pre
 
     def _mini_batches(self, rows: list[int], epoch: int) -> list[list[int]]:
         if self.cfg.mini_batches == 1 and epoch == 0:
@@ -378,13 +463,16 @@ class RLTrainer(ResumableTrainer):
         rows: list[int],
         first_batches: list[list[int]],
         skip: set[int],
+        pre: _EarlyUpdate | None = None,
     ) -> dict[str, float]:
         """PPO epochs x mini-batches of optimizer steps; returns the averaged loss metrics.
 
         Mini-batches split all loss rows (``rows``), so each optimizer step averages over the
         same tokens with or without skipping; rows in ``skip`` (no gradient) are not computed.
+        With ``pre``, the first (only) optimizer step continues from the loss sums its micro-batches
+        left during the resample wave, does its remaining ones, then ``first_batches`` (the other
+        rows), and scales the sums to the step's token average once.
         """
-        dev = next(self.model.parameters()).device
         totals: dict[str, float] = {name: 0.0 for name in LOSS_METRIC_NAMES}
         totals["grad_norm"] = 0.0
         entropy_sum, entropy_tokens = 0.0, 0.0
@@ -400,38 +488,33 @@ class RLTrainer(ResumableTrainer):
                     if (epoch == 0 and len(mb) == len(rows))
                     else self._micro_batches(computed, states)
                 )
-                self.optimizer.zero_grad(set_to_none=True)
                 step_metrics_sum: dict[str, float] = {name: 0.0 for name in LOSS_METRIC_NAMES}
                 skipped_tokens = int(adv.loss_mask[[i for i in mb if i in skip]].sum())
                 step_metrics_sum["ratio_mean"] = skipped_tokens / max(num_tokens, 1)
-                for chunk in iter_logprobs(
-                    self.model,
-                    states,
-                    micro_batch_size=self.cfg.micro_batch_size,
-                    temperature=self.temperature,
-                    needed=adv.loss_mask,
-                    entropy=self.cfg.log_entropy and epoch == 0,
-                    pad_id=self.pad_id,
-                    batches=batches,
-                ):
-                    r, w = chunk.rows, chunk.logprobs.shape[1]
-                    mask = adv.loss_mask[r, :w].to(dev)
-                    loss, m = policy_loss(
-                        chunk.logprobs,
-                        old[r, :w].to(dev),
-                        adv.advantages[r, :w].to(dev),
-                        mask,
-                        self.loss_cfg,
-                        ref_logprobs=ref[r, :w].to(dev) if ref is not None else None,
-                        num_tokens=num_tokens,
-                    )
-                    loss.backward()
-                    step_metrics_sum["loss"] += float(loss.detach())
-                    for name in LOSS_METRIC_NAMES[1:]:
-                        step_metrics_sum[name] += float(m[name])
-                    if chunk.entropy is not None:
-                        entropy_sum += float((chunk.entropy.detach() * mask).sum())
-                        entropy_tokens += float(mask.sum())
+                if pre is not None and updates == 0:
+                    # Continue the early sums in the same order (the rest of those micro-batches
+                    # single-threaded, as they run during the wave), then scale once.
+                    sums = dict(pre.sums)
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)
+                    try:
+                        self._accumulate(states, adv, old, ref, pre.remaining, 1, sums)
+                    finally:
+                        torch.set_num_threads(threads)
+                    self._accumulate(states, adv, old, ref, batches, 1, sums)
+                    scale = 1.0 / max(num_tokens, 1)
+                    for param in self.model.parameters():
+                        if param.grad is not None:
+                            param.grad.mul_(scale)
+                    for name, value in sums.items():
+                        step_metrics_sum[name] += value * scale
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    ent = self._accumulate(
+                        states, adv, old, ref, batches, num_tokens, step_metrics_sum,
+                        entropy=self.cfg.log_entropy and epoch == 0,
+                    )  # fmt: skip
+                    entropy_sum, entropy_tokens = entropy_sum + ent[0], entropy_tokens + ent[1]
                 grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.cfg.grad_clip)
                 self.counters["skipped_updates"] += int(not stepped)
                 for name, value in step_metrics_sum.items():
@@ -443,6 +526,53 @@ class RLTrainer(ResumableTrainer):
         if self.cfg.log_entropy:
             out["entropy"] = entropy_sum / entropy_tokens if entropy_tokens else math.nan
         return out
+
+    def _accumulate(
+        self,
+        states: list[TrajectoryState],
+        adv: StepAdvantages,
+        old: torch.Tensor,
+        ref: torch.Tensor | None,
+        batches: list[list[int]],
+        num_tokens: int,
+        sums: dict[str, float],
+        entropy: bool = False,
+    ) -> tuple[float, float]:
+        """Backpropagate the loss of ``batches`` (gradients accumulate) normalised by ``num_tokens``.
+
+        Adds each micro-batch's loss metrics to ``sums``; returns (entropy sum, entropy tokens).
+        """
+        dev = next(self.model.parameters()).device
+        entropy_sum, entropy_tokens = 0.0, 0.0
+        for chunk in iter_logprobs(
+            self.model,
+            states,
+            micro_batch_size=self.cfg.micro_batch_size,
+            temperature=self.temperature,
+            needed=adv.loss_mask,
+            entropy=entropy,
+            pad_id=self.pad_id,
+            batches=batches,
+        ):
+            r, w = chunk.rows, chunk.logprobs.shape[1]
+            mask = adv.loss_mask[r, :w].to(dev)
+            loss, m = policy_loss(
+                chunk.logprobs,
+                old[r, :w].to(dev),
+                adv.advantages[r, :w].to(dev),
+                mask,
+                self.loss_cfg,
+                ref_logprobs=ref[r, :w].to(dev) if ref is not None else None,
+                num_tokens=num_tokens,
+            )
+            loss.backward()
+            sums["loss"] += float(loss.detach())
+            for name in LOSS_METRIC_NAMES[1:]:
+                sums[name] += float(m[name])
+            if chunk.entropy is not None:
+                entropy_sum += float((chunk.entropy.detach() * mask).sum())
+                entropy_tokens += float(mask.sum())
+        return entropy_sum, entropy_tokens
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -473,6 +603,7 @@ class RLTrainer(ResumableTrainer):
 
         plan, batch, all_states = None, originals, states
         early = None  # (old, ref) of the original rows, scored while the resample wave ran
+        pre: _EarlyUpdate | None = None  # rows already backpropagated during the wave
         if cfg.algorithm == "axpo":
             plan = plan_resampling(
                 originals, self.axpo_cfg, seed=derive_seed("plan", cfg.seed, self.step_count)
@@ -480,7 +611,7 @@ class RLTrainer(ResumableTrainer):
             if plan.num_selected:
                 extra = resample_states(plan, states, prompts, seed=cfg.seed, step=self.step_count)
                 if cfg.overlap_scoring:
-                    extra_batch, early = self._rollouts_while_scoring(extra, states, originals)
+                    extra_batch, early, pre = self._rollouts_while_scoring(extra, states, originals, plan)
                 else:
                     extra_batch = RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_id)
                 batch = originals.concat(extra_batch)
@@ -512,10 +643,17 @@ class RLTrainer(ResumableTrainer):
             rows = [i for i in rows if bool(finite[i])]
             batches = [[i for i in mb if bool(finite[i])] for mb in batches]
             batches = [mb for mb in batches if mb]
+        # Timing-dependent, so not a step metric: metrics must not depend on machine load.
+        self.last_early_micro_batches = pre.done if pre is not None else 0
+        if pre is not None:
+            pre = self._confirm_early(pre, adv, set(rows) - skip)
+            if pre is not None:
+                done = set(pre.rows)
+                batches = self._micro_batches([i for i in rows if i not in skip and i not in done], all_states)
         t_logprob = time.perf_counter()
 
         lr = self.scheduler.apply()
-        loss_metrics = self._update(all_states, adv, old, ref, rows, batches, skip)
+        loss_metrics = self._update(all_states, adv, old, ref, rows, batches, skip, pre)
         self.scheduler.step()
         t_train = time.perf_counter()
 
