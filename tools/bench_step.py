@@ -7,7 +7,9 @@ well-formed tool call (and a few dozen SFT steps only teach it the markers, not 
 with ``--scripted-calls p`` (default 0.5) a fraction p of the fresh rollouts of tool questions
 open with the question's reference tool call, scripted, and an AXPO fork of one (cut after
 ``<tool_call>``) gets the call's body; the tools run for real and every later turn is sampled by
-the model. Scripted tokens cost no decoding, in originals and forks alike. ``--sft-steps``
+the model. Scripted tokens cost no decoding, in originals and forks alike; with
+``--think-tokens L`` the model first samples up to L thinking tokens before a scripted call (a
+Thinking model reasons before it acts), which originals decode and forks inherit with the prefix. ``--sft-steps``
 optionally fine-tunes the model on the task's SFT trajectories first. The KL term is on
 (``--kl-coef 0.01``, the paper's default) so every row is trained; with 0, rows without advantage
 signal skip training, which on this task (the tiny model is never right) is nearly all of them.
@@ -27,7 +29,7 @@ and in this process's CPU time (which other processes on a shared machine distur
 
 Usage: ``python tools/bench_step.py [--steps 3] [--budget-matched] [--sft-steps 0]
 [--max-new-tokens 96] [--scripted-calls 0.5] [--kl-coef 0.01] [--threads 1] [--device cpu]
-[--independent]``.
+[--think-tokens 0] [--independent]``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -68,10 +71,12 @@ class ReferenceCalls:
     phase: ``rollout`` (original rollouts) and ``resample`` (forks).
     """
 
-    def __init__(self, inner: LocalGenerator, questions, tokenizer, p: float) -> None:
-        self.inner, self.p = inner, p
+    def __init__(self, inner: LocalGenerator, questions, tokenizer, p: float, think_tokens: int = 0) -> None:
+        self.inner, self.p, self.think_tokens = inner, p, think_tokens
         names = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
         self.vision_ids = {tokenizer.convert_tokens_to_ids(n) for n in names}
+        markers = ("<tool_call>", "</tool_call>", "<think>", "</think>", "<|im_end|>", "<|im_start|>")
+        self.special_ids = self.vision_ids | {tokenizer.convert_tokens_to_ids(n) for n in markers}
         self.call_open = tokenizer.convert_tokens_to_ids("<tool_call>")
         self.turns = {}
         for i, q in enumerate(questions):
@@ -99,7 +104,7 @@ class ReferenceCalls:
         """Scripted turns where drawn, the model's samples elsewhere."""
         params = [params] * len(states) if isinstance(params, SamplingParams) else list(params)
         out: list = [None] * len(states)
-        rest = []
+        rest, thinking = [], []
         for i, s in enumerate(states):
             ids = self._scripted(s)
             if ids is None:
@@ -107,15 +112,35 @@ class ReferenceCalls:
             else:  # behaviour logprobs vary by seed so that uncertainty ranks the candidates
                 lp = -1.0 - (derive_seed("lp", s.seed) % 100) / 100
                 out[i] = Continuation(list(ids), [lp] * len(ids), "stop", "</tool_call>")
+                if self.think_tokens and s.source is None:
+                    thinking.append(i)
+        if thinking:  # the model thinks before its scripted call (forks reuse this from the prefix)
+            think = replace(
+                params[thinking[0]], max_new_tokens=self.think_tokens, stop_token_texts=(), ignore_eos=True
+            )
+            sampled = self._counted([states[i] for i in thinking], [think] * len(thinking))
+            for i, c in zip(thinking, sampled, strict=True):
+                cut = next((j for j, t in enumerate(c.token_ids) if t in self.special_ids), len(c.token_ids))
+                call = out[i]
+                out[i] = Continuation(
+                    list(c.token_ids[:cut]) + call.token_ids,
+                    list(c.logprobs[:cut]) + call.logprobs,
+                    "stop",
+                    "</tool_call>",
+                )
         if rest:
-            before = self.inner.stats.as_dict()
-            sampled = self.inner.generate([states[i] for i in rest], [params[i] for i in rest])
-            phase = "resample" if any(s.source is not None for s in states) else "rollout"
-            after = self.inner.stats.as_dict()
-            self.phase_stats[phase].update({k: after[k] - before[k] for k in after})
+            sampled = self._counted([states[i] for i in rest], [params[i] for i in rest])
             for i, c in zip(rest, sampled, strict=True):
                 out[i] = self._without_vision_tokens(c)
         return out
+
+    def _counted(self, states, params):
+        before = self.inner.stats.as_dict()
+        sampled = self.inner.generate(states, params)
+        phase = "resample" if any(s.source is not None for s in states) else "rollout"
+        after = self.inner.stats.as_dict()
+        self.phase_stats[phase].update({k: after[k] - before[k] for k in after})
+        return sampled
 
     def _without_vision_tokens(self, cont: Continuation) -> Continuation:
         # Work-around: LocalGenerator's prefill fails on a context holding an <|image_pad|> the
@@ -153,7 +178,7 @@ def _trainer(
         data_dir,
         tools,
         ChatProtocol(bundle.processor),
-        ReferenceCalls(generator, questions, bundle.tokenizer, args.scripted_calls),
+        ReferenceCalls(generator, questions, bundle.tokenizer, args.scripted_calls, args.think_tokens),
         AXPOConfig(r=args.r, k=args.k),
         AdvantageConfig(),
         LossConfig(kl_coef=args.kl_coef),
@@ -199,6 +224,12 @@ def main() -> None:
     )
     parser.add_argument("--sft-steps", type=int, default=0)
     parser.add_argument("--scripted-calls", type=float, default=0.5)
+    parser.add_argument(
+        "--think-tokens",
+        type=int,
+        default=0,
+        help="tokens the model samples (thinks) before a scripted call; forks reuse them as their prefix",
+    )
     parser.add_argument("--b", type=int, default=8)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
@@ -251,7 +282,8 @@ def main() -> None:
 
     print(
         f"\nB={args.b} N={args.n} K={args.k} r={args.r} max_new_tokens={args.max_new_tokens} "
-        f"threads={args.threads} device={args.device} weights={'independent' if args.independent else 'synced'}"
+        f"threads={args.threads} think_tokens={args.think_tokens} device={args.device} "
+        f"weights={'independent' if args.independent else 'synced'}"
     )
     header = f"{'algorithm':<9} {'step':>4} {'step_s':>7} " + " ".join(f"{p:>10}" for p in PHASES)
     header += f" {'rows':>5} {'tool_use':>8} {'triggered':>9} {'prefixes':>8}"
@@ -283,12 +315,16 @@ def main() -> None:
         print(f"  {alg:<5} " + "  ".join(f"{k}={v:.2f}" for k, v in values.items()))
     ratios = [a["step_s"] / g["step_s"] for a, g in zip(results["axpo"], results["grpo"], strict=True)]
     print("AXPO/GRPO step-time ratio per step: " + ", ".join(f"{x:.3f}" for x in ratios))
-    print(f"AXPO/GRPO median step-time ratio: {statistics.median(ratios):.3f} (robust to a step slowed by other load)")
+    print(
+        f"AXPO/GRPO median step-time ratio: {statistics.median(ratios):.3f} (robust to a step slowed by other load)"
+    )
     print(
         f"AXPO/GRPO mean step-time ratio: {mean['axpo']['step_s'] / mean['grpo']['step_s']:.3f} (target <= 1.15)"
     )
     cpu = mean["axpo"]["step_cpu_s"] / mean["grpo"]["step_cpu_s"]
-    print(f"AXPO/GRPO mean step CPU-time ratio: {cpu:.3f} (this process's CPU seconds; steadier than wall time on a shared machine)")
+    print(
+        f"AXPO/GRPO mean step CPU-time ratio: {cpu:.3f} (this process's CPU seconds; steadier than wall time on a shared machine)"
+    )
     rows = {alg: statistics.mean(m["rows"] for m in steps) for alg, steps in results.items()}
     print(f"AXPO/GRPO rows ratio: {rows['axpo'] / rows['grpo']:.3f} (extra rollouts at most r = {args.r})")
     if "grpo_bm" in mean:
