@@ -14,6 +14,7 @@ from typing import Any
 
 from axpo_nemo.agent.rewards import extract_boxed
 from axpo_nemo.core.config import ValidatedConfig, setting
+from axpo_nemo.data.schema import Sample
 from axpo_nemo.data.shards import ShardConfig
 
 __all__ = [
@@ -213,3 +214,18 @@ def pass_rate_ok(value: Any, cfg: ConvertConfig) -> bool:
         return float(value) <= cfg.max_pass_rate
     except (TypeError, ValueError):
         return True
+
+
+def converted_sample(
+    ctx: RowContext, source: str, ident: Any, image_data: list[bytes], **fields: Any
+) -> Sample:
+    """A converted row as a `Sample`: id ``<source>-<ident>``, its images (bytes in ``image_data``)
+    named by position, the configured ``allowed_tools``; ``fields`` are the other Sample fields."""
+    return Sample(
+        id=f"{source}-{ident}",
+        images=[str(i) for i in range(len(image_data))],
+        image_data=image_data,
+        allowed_tools=list(ctx.cfg.allowed_tools),
+        source=source,
+        **fields,
+    )

@@ -20,7 +20,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from axpo_nemo.data.converters.common import BadRow, RowContext, image_bytes, strip_image_tags
+from axpo_nemo.data.converters.common import (
+    BadRow,
+    RowContext,
+    converted_sample,
+    image_bytes,
+    strip_image_tags,
+)
 from axpo_nemo.data.schema import Sample
 
 SOURCE = "fvqa"
@@ -76,16 +82,15 @@ def convert_row(row: dict[str, Any], ctx: RowContext) -> Sample | None:
     if isinstance(images, dict | str | bytes):
         images = [images]
     data = [image_bytes(x, ctx.image_root) for x in images]
-    return Sample(
-        id=f"{SOURCE}-{data_id}",
+    return converted_sample(
+        ctx,
+        SOURCE,
+        data_id,
+        data,
         question=question,
         answer=answer,
         answer_type="short_answer",
         candidates=_candidates(reward.get("candidate_answers"), answer),
-        images=[f"{i}" for i in range(len(data))],
-        image_data=data,
-        allowed_tools=list(ctx.cfg.allowed_tools),
-        source=SOURCE,
         category=str(row.get("category") or ""),
         metadata={"data_source": row.get("data_source"), "image_urls": row.get("image_urls")},
     )

@@ -27,6 +27,7 @@ from axpo_nemo.data.converters.common import (
     BadRow,
     RowContext,
     answer_from,
+    converted_sample,
     image_bytes,
     infer_answer_type,
     pass_rate_ok,
@@ -58,16 +59,15 @@ def convert_row(row: dict[str, Any], ctx: RowContext) -> Sample | None:
     messages = []
     if ctx.cfg.keep_responses and isinstance(row.get(RESPONSE_KEY), str) and row[RESPONSE_KEY].strip():
         messages = [{"role": "assistant", "content": row[RESPONSE_KEY]}]
-    return Sample(
-        id=f"{SOURCE}-{origin + '-' if origin else ''}{ident}",
+    return converted_sample(
+        ctx,
+        SOURCE,
+        f"{origin + '-' if origin else ''}{ident}",
+        data,
         question=question,
         answer=answer,
         answer_type=answer_type,
         options=options,
-        images=[f"{i}" for i in range(len(data))],
-        image_data=data,
-        allowed_tools=list(ctx.cfg.allowed_tools),
-        source=SOURCE,
         category=origin,
         messages=messages,
         metadata={"pass_rate": row.get("pass_rate"), "is_consistent": row.get("is_consistent")},

@@ -29,6 +29,7 @@ from axpo_nemo.data.converters.common import (
     BadRow,
     RowContext,
     answer_from,
+    converted_sample,
     image_bytes,
     infer_answer_type,
     strip_image_tags,
@@ -54,16 +55,15 @@ def convert_row(row: dict[str, Any], ctx: RowContext) -> Sample | None:
     path = row.get("image_path", hint.get("hint_path"))
     paths = path if isinstance(path, list) else ([path] if path else [])
     data = [image_bytes(str(p), ctx.image_root) for p in paths]
-    return Sample(
-        id=f"{SOURCE}-{ident}",
+    return converted_sample(
+        ctx,
+        SOURCE,
+        ident,
+        data,
         question=strip_image_tags(question),
         answer=answer,
         answer_type=answer_type,
         options=options,
-        images=[f"{i}" for i in range(len(data))],
-        image_data=data,
-        allowed_tools=list(ctx.cfg.allowed_tools),
-        source=SOURCE,
         category=str(row.get("ability") or ""),
         metadata={"data_source": row.get("data_source")},
     )

@@ -29,6 +29,7 @@ from axpo_nemo.data.converters.common import (
     BadRow,
     RowContext,
     answer_from,
+    converted_sample,
     image_bytes,
     infer_answer_type,
     pass_rate_ok,
@@ -55,16 +56,15 @@ def convert_row(row: dict[str, Any], ctx: RowContext) -> Sample | None:
     if isinstance(images, str | dict):
         images = [images]
     data = [image_bytes(x, ctx.image_root) for x in images]
-    return Sample(
-        id=f"{SOURCE}-{qid}",
+    return converted_sample(
+        ctx,
+        SOURCE,
+        qid,
+        data,
         question=question,
         answer=answer,
         answer_type=answer_type,
         options=options,
-        images=[f"{i}" for i in range(len(data))],
-        image_data=data,
-        allowed_tools=list(ctx.cfg.allowed_tools),
-        source=SOURCE,
         category=str(row.get("category") or ""),
         metadata={
             "origin": row.get("source"),
