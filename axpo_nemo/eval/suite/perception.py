@@ -10,14 +10,15 @@ from typing import Any
 
 from axpo_nemo.data.schema import Sample
 from axpo_nemo.eval.suite.prompts import build_question, clean_question
-from axpo_nemo.eval.suite.reasoning import _images, _letter_options
 from axpo_nemo.eval.suite.tables import (
     BenchmarkFormatError,
     ImageStore,
     as_list,
     first,
+    letter_options,
     parse_file,
     require,
+    row_images,
     table_files,
 )
 
@@ -36,11 +37,11 @@ def load_hrbench(folder: Path, store: ImageStore) -> list[Sample]:
     for path in table_files(folder):
 
         def parse(number: int, row: dict[str, Any], path: Path = path) -> Sample:
-            options = _letter_options(row)
+            options = letter_options(row)
             if not options:
                 raise BenchmarkFormatError("no option columns A, B, …")
             question = str(require(row, path, number, "question"))
-            images = _images(row, store, path, number, "image")
+            images = row_images(row, store, path, number, "image")
             key = "\x1f".join([question, *images, *sorted(options.values())])
             return Sample(
                 id=str(require(row, path, number, "index")),
@@ -86,7 +87,7 @@ def load_visualprobe(folder: Path, store: ImageStore) -> list[Sample]:
                 ),
                 answer=answer.strip(),
                 answer_type="short_answer",
-                images=_images(row, store, path, number, "images", "image"),
+                images=row_images(row, store, path, number, "images", "image"),
                 allowed_tools=list(PERCEPTION_TOOLS),
                 source="visualprobe",
                 category=str(first(row, "difficulty", default=level)).lower(),
@@ -125,7 +126,7 @@ def load_vstar(folder: Path, store: ImageStore) -> list[Sample]:
                 answer = str(row["label"]).strip()
             else:
                 question = str(require(row, path, number, "question"))
-                options = _letter_options(row)
+                options = letter_options(row)
                 if not options:
                     choices = as_list(first(row, "choices", "options"))
                     options = {string.ascii_uppercase[i]: str(c) for i, c in enumerate(choices)}
@@ -139,7 +140,7 @@ def load_vstar(folder: Path, store: ImageStore) -> list[Sample]:
                 question=build_question(question, "multiple_choice", options),
                 answer=answer,
                 answer_type="multiple_choice",
-                images=_images(row, store, path, number, "image"),
+                images=row_images(row, store, path, number, "image"),
                 options=options,
                 allowed_tools=list(PERCEPTION_TOOLS),
                 source="vstar",

@@ -19,30 +19,15 @@ from axpo_nemo.eval.suite.tables import (
     ImageStore,
     as_list,
     first,
+    letter_options,
     parse_file,
     require,
+    row_images,
     table_files,
 )
 
 REASONING_TOOLS = ["image_zoom_in", "python"]
 _LETTERS = string.ascii_uppercase
-
-
-def _letter_options(row: dict[str, Any]) -> dict[str, str]:
-    """Options from single-letter columns ``A``, ``B``, … (VLMEvalKit TSV layout)."""
-    out = {}
-    for letter in _LETTERS:
-        value = row.get(letter)
-        if value is None or (isinstance(value, float) and value != value):  # NaN from pandas exports
-            continue
-        if str(value).strip():
-            out[letter] = str(value).strip()
-    return out
-
-
-def _images(row: dict[str, Any], store: ImageStore, path: Path, number: int, *keys: str) -> list[str]:
-    value = first(row, *keys)
-    return store.add_all(value, path.parent, f"{path}: row {number}") if value is not None else []
 
 
 def load_mathvision(folder: Path, store: ImageStore) -> list[Sample]:
@@ -64,7 +49,7 @@ def load_mathvision(folder: Path, store: ImageStore) -> list[Sample]:
                 question=build_question(question, kind, options),
                 answer=answer,
                 answer_type=kind,
-                images=_images(row, store, path, number, "decoded_image", "image"),
+                images=row_images(row, store, path, number, "decoded_image", "image"),
                 options=options,
                 allowed_tools=list(REASONING_TOOLS),
                 source="mathvision",
@@ -107,7 +92,7 @@ def load_dynamath(folder: Path, store: ImageStore) -> list[Sample]:
                 question=build_question(str(require(row, path, number, "question")), kind),
                 answer=answer,
                 answer_type=kind,
-                images=_images(row, store, path, number, "decoded_image", "image"),
+                images=row_images(row, store, path, number, "decoded_image", "image"),
                 allowed_tools=list(REASONING_TOOLS),
                 source="dynamath",
                 category=str(first(row, "subject", default="")),
@@ -136,7 +121,7 @@ def load_mathverse(folder: Path, store: ImageStore) -> list[Sample]:
                 question=build_question(str(require(row, path, number, "question")), kind),
                 answer=answer,
                 answer_type=kind,
-                images=_images(row, store, path, number, "image", "decoded_image"),
+                images=row_images(row, store, path, number, "image", "decoded_image"),
                 allowed_tools=list(REASONING_TOOLS),
                 source="mathverse",
                 category=str(first(row, "problem_version", default="")),
@@ -169,9 +154,7 @@ def load_wemath(folder: Path, store: ImageStore) -> list[Sample]:
     for path in table_files(folder):
 
         def parse(number: int, row: dict[str, Any], path: Path = path) -> Sample:
-            options = _letter_options(row) or _wemath_options(
-                str(first(row, "option", "options", default=""))
-            )
+            options = letter_options(row) or _wemath_options(str(first(row, "option", "options", default="")))
             if not options:
                 raise BenchmarkFormatError("no options (columns A, B, … or 'option')")
             ident = first(row, "index")
@@ -184,7 +167,7 @@ def load_wemath(folder: Path, store: ImageStore) -> list[Sample]:
                 ),
                 answer=str(require(row, path, number, "answer")).strip(),
                 answer_type="multiple_choice",
-                images=_images(row, store, path, number, "image_path", "image"),
+                images=row_images(row, store, path, number, "image_path", "image"),
                 options=options,
                 allowed_tools=list(REASONING_TOOLS),
                 source="wemath",

@@ -11,7 +11,6 @@ from typing import Any
 
 from axpo_nemo.data.schema import Sample
 from axpo_nemo.eval.suite.prompts import build_question
-from axpo_nemo.eval.suite.reasoning import _images
 from axpo_nemo.eval.suite.tables import (
     BenchmarkFormatError,
     ImageStore,
@@ -19,6 +18,7 @@ from axpo_nemo.eval.suite.tables import (
     first,
     parse_file,
     require,
+    row_images,
     table_files,
 )
 
@@ -46,7 +46,7 @@ def load_hr_mmsearch(folder: Path, store: ImageStore) -> list[Sample]:
                 answer=answers[0],
                 answer_type="short_answer",
                 candidates=answers[1:] + _strings(first(row, "candidate_answers", "alternative_answers")),
-                images=_images(row, store, path, number, "image", "images"),
+                images=row_images(row, store, path, number, "image", "images"),
                 allowed_tools=list(SEARCH_TOOLS),
                 source="hr_mmsearch",
                 category=str(first(row, "category", default="")),
@@ -98,7 +98,7 @@ def load_fvqa(folder: Path, store: ImageStore) -> list[Sample]:
                 answer_type="short_answer",
                 candidates=answers[1:]
                 + _strings(first(reward, "candidate_answers") or first(row, "candidate_answers")),
-                images=_images(row, store, path, number, "images", "image"),
+                images=row_images(row, store, path, number, "images", "image"),
                 allowed_tools=list(SEARCH_TOOLS),
                 source="fvqa",
                 category=str(first(row, "category", default=first(extra, "category", default=""))),
@@ -124,7 +124,7 @@ def load_mmsearch(folder: Path, store: ImageStore) -> list[Sample]:
                 answer=str(require(row, path, number, "gt_answer", "answer")).strip(),
                 answer_type="short_answer",
                 candidates=_strings(first(row, "alternative_gt_answers")),
-                images=_images(row, store, path, number, "query_image", "image"),
+                images=row_images(row, store, path, number, "query_image", "image"),
                 allowed_tools=list(SEARCH_TOOLS),
                 source="mmsearch",
                 category=str(first(row, "area", default="")),

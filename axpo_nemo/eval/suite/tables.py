@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import string
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,6 +221,24 @@ class ImageStore:
         if isinstance(values, dict | bytes | str | Image.Image):
             values = [values]
         return [self.add(v, base, where) for v in as_list(values) if v is not None]
+
+
+def letter_options(row: dict[str, Any]) -> dict[str, str]:
+    """Options from single-letter columns ``A``, ``B``, … (VLMEvalKit TSV layout)."""
+    out = {}
+    for letter in string.ascii_uppercase:
+        value = row.get(letter)
+        if value is None or (isinstance(value, float) and value != value):  # NaN from pandas exports
+            continue
+        if str(value).strip():
+            out[letter] = str(value).strip()
+    return out
+
+
+def row_images(row: dict[str, Any], store: ImageStore, path: Path, number: int, *keys: str) -> list[str]:
+    """The row's images (the first of ``keys`` present) stored in ``store``; their stored names."""
+    value = first(row, *keys)
+    return store.add_all(value, path.parent, f"{path}: row {number}") if value is not None else []
 
 
 def parse_file(path: Path, parse: Any) -> list[Any]:
