@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from axpo_nemo.agent.protocol import (
@@ -35,6 +35,7 @@ __all__ = [
     "Generator",
     "SamplingParams",
     "ToolRunner",
+    "WorkCounters",
     "per_state_params",
     "run_rollouts",
 ]
@@ -61,6 +62,20 @@ class SamplingParams:
         errors = field_errors(self)
         if errors:
             raise ValueError("SamplingParams: " + "; ".join(errors))
+
+
+@dataclass
+class WorkCounters:
+    """Base of a generator's cumulative integer work counters (dataclass fields)."""
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        for name in asdict(self):
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a dict."""
+        return asdict(self)
 
 
 @dataclass

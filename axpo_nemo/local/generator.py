@@ -33,12 +33,12 @@ continuation does not depend on which other states share its batch, nor on prefi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from axpo_nemo.agent.loop import Continuation, SamplingParams, per_state_params
+from axpo_nemo.agent.loop import Continuation, SamplingParams, WorkCounters, per_state_params
 from axpo_nemo.agent.protocol import ImageSlot
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
 from axpo_nemo.local.forward import encode
@@ -47,7 +47,7 @@ __all__ = ["GeneratorStats", "LocalGenerator", "mrope_positions", "sample_tokens
 
 
 @dataclass
-class GeneratorStats:
+class GeneratorStats(WorkCounters):
     """Work counters of a `LocalGenerator` (cumulative; `reset` clears them).
 
     Attributes:
@@ -67,15 +67,6 @@ class GeneratorStats:
     shared_rows: int = 0
     decode_steps: int = 0
     sampled_tokens: int = 0
-
-    def reset(self) -> None:
-        """Zero every counter."""
-        for name in asdict(self):
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a dict."""
-        return asdict(self)
 
 
 def mrope_positions(length: int, images: Sequence[ImageSlot], merge_size: int) -> torch.Tensor:

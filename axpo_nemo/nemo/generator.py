@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from axpo_nemo.agent.loop import Continuation, SamplingParams, per_state_params
+from axpo_nemo.agent.loop import Continuation, SamplingParams, WorkCounters, per_state_params
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
 
 __all__ = [
@@ -125,7 +125,7 @@ class RawOutput:
 
 
 @dataclass
-class VllmGeneratorStats:
+class VllmGeneratorStats(WorkCounters):
     """Cumulative counters of a `VllmGenerator` (`reset` clears them).
 
     Attributes:
@@ -143,15 +143,6 @@ class VllmGeneratorStats:
     invalid_logprob_samples: int = 0
     invalid_logprob_tokens: int = 0
     cut_tokens: int = 0
-
-    def reset(self) -> None:
-        """Zero every counter."""
-        for name in asdict(self):
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a dict."""
-        return asdict(self)
 
 
 def stop_token_map(tokenizer, texts: Sequence[str], eos_ids: Sequence[int] = ()) -> dict[int, str]:
