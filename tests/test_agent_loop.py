@@ -6,8 +6,7 @@ import threading
 import time
 
 import pytest
-import torch
-from PIL import Image
+from image_helpers import random_image as _image
 
 from axpo_nemo.agent.loop import (
     AgentLoopConfig,
@@ -23,13 +22,6 @@ from axpo_nemo.agent.tools.base import ToolContext, ToolResult
 from axpo_nemo.agent.trajectory import TrajectoryState, fork_at_tool_call, to_rollouts
 from axpo_nemo.core import rollout as core_rollout
 from axpo_nemo.models import build_tiny_processor, build_tiny_tokenizer
-
-
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray(
-        torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy()
-    )
 
 
 class FakeTool:

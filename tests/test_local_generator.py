@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from image_helpers import random_image as _image
 from PIL import Image
 
 from axpo_nemo.agent.loop import AgentLoopConfig, Continuation, Generator, SamplingParams, run_rollouts
@@ -20,13 +21,6 @@ from axpo_nemo.agent.trajectory import TrajectoryState, fork_at_tool_call, to_ro
 from axpo_nemo.core.rollout import RolloutBatch
 from axpo_nemo.local import LocalGenerator, mrope_positions
 from axpo_nemo.models import build_tiny_qwen3vl
-
-
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray(
-        torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy()
-    )
 
 
 class EchoTool:

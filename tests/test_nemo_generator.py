@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from PIL import Image
+from image_helpers import random_image as _image
 
 from axpo_nemo.agent.loop import AgentLoopConfig, SamplingParams, run_rollouts
 from axpo_nemo.agent.protocol import IM_END, TOOL_CALL_CLOSE, ChatProtocol, format_assistant_turn
@@ -29,13 +29,6 @@ from axpo_nemo.nemo.generator import (
     invalid_logprob_rows,
     stop_token_map,
 )
-
-
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray(
-        torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy()
-    )
 
 
 class CropTool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
+from image_helpers import random_image as _image
 
 from axpo_nemo.agent.loop import AgentLoopConfig, Continuation, SamplingParams, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol, format_assistant_turn
@@ -27,13 +27,6 @@ from axpo_nemo.local.policy import (
     shared_prefix_len,
 )
 from axpo_nemo.models import build_tiny_qwen3vl
-
-
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray(
-        torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy()
-    )
 
 
 class CropTool:

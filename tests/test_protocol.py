@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from image_helpers import random_image as _image
 
 from axpo_nemo.agent.protocol import (
     ChatProtocol,
@@ -37,13 +37,6 @@ TOOLS = [
     {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}},
 ]
 NAMES = {"image_zoom_in", "search"}
-
-
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray(
-        torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy()
-    )
 
 
 @pytest.fixture(scope="module")

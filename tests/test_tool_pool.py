@@ -10,8 +10,7 @@ import sys
 import time
 
 import pytest
-import torch
-from PIL import Image
+from image_helpers import random_image as _image
 
 ray = pytest.importorskip("ray")
 
@@ -31,13 +30,6 @@ TOOLS_CFG = ToolsConfig(
     timeout_s=20.0,
     python=SandboxConfig(pool_size=1, timeout_s=1.5, cpu_time_s=1, memory_mb=256, max_images=2),
 )
-
-
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray(
-        torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy()
-    )
 
 
 class Hang:
