@@ -46,6 +46,7 @@ import numpy as np
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig, score_answer
+from axpo_nemo.agent.scoring import final_assistant_text
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
 from axpo_nemo.core.config import ValidatedConfig, setting
@@ -293,22 +294,6 @@ class EvalReport:
             cells += [pct(m.accuracy_tool), pct(m.accuracy_no_tool), num(m.mean_turns)]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
-
-
-def final_assistant_text(state: TrajectoryState, protocol: ChatProtocol) -> str:
-    """The text of a trajectory's last assistant turn, as the model wrote it.
-
-    The generation prompt's pre-filled part (``<think>\\n`` for Qwen3-VL-Thinking) is put back in
-    front, so an answer inside an unclosed thinking block is not mistaken for a final answer;
-    the closing ``<|im_end|>`` is dropped. Empty when the trajectory has no turn.
-    """
-    if not state.turns:
-        return ""
-    turn = state.turns[-1]
-    ids = state.token_ids[turn.start : turn.end]
-    if ids and ids[-1] == protocol.im_end_id:
-        ids = ids[:-1]
-    return protocol.assistant_prefix + protocol.decode(ids)
 
 
 def _hash(obj: Any) -> str:

@@ -5,7 +5,7 @@ One `RLTrainer.step`:
 1. **Questions.** B questions in a seeded order (a fresh permutation each epoch, a pure function of
    ``(seed, epoch)``); the position is part of the trainer's state.
 2. **Rollouts.** N rollouts per question through `run_rollouts` (each its own seed, derived from
-   ``(seed, step, question, sample)``), rewarded with `score_answer` on the final assistant turn.
+   ``(seed, step, question, sample)``), rewarded with `agent.scoring.score_trajectory` (the final assistant turn).
 3. **Resampling** (``algorithm: axpo``). `plan_resampling` picks the prefixes; each is forked K
    times at its first ``<tool_call>`` (`fork_at_tool_call`; the generator prefills the shared
    prefix once) — or, with ``prefix_fixing`` off, K fresh rollouts of the question — and the
@@ -46,7 +46,8 @@ import torch
 from axpo_nemo.agent.groups import group_states, resample_states
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
-from axpo_nemo.agent.rewards import RewardConfig, score_answer
+from axpo_nemo.agent.rewards import RewardConfig
+from axpo_nemo.agent.scoring import score_trajectory
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
 from axpo_nemo.core import (
@@ -72,7 +73,7 @@ from axpo_nemo.local.optim import (
 from axpo_nemo.local.policy import iter_logprobs, plan_micro_batches
 from axpo_nemo.local.resumable import ResumableTrainer
 
-__all__ = ["LOSS_METRIC_NAMES", "RLConfig", "RLTrainer", "StepRecord", "final_answer_text"]
+__all__ = ["LOSS_METRIC_NAMES", "RLConfig", "RLTrainer", "StepRecord"]
 
 logger = logging.getLogger(__name__)
 #: Makes the event that tells the early-update thread the resample wave is done (tests replace it).
@@ -174,18 +175,6 @@ class StepRecord:
     advantages: StepAdvantages
     old_logprobs: torch.Tensor
     row_mask: torch.Tensor
-
-
-def final_answer_text(state: TrajectoryState, protocol: ChatProtocol) -> str:
-    """The last assistant turn's text, opened with the generation prompt's ``<think>\\n``.
-
-    Every turn starts inside the thinking block the prompt opened, so prepending it lets the
-    reward tell thinking from the answer (and check the format).
-    """
-    if not state.turns:
-        return ""
-    turn = state.turns[-1]
-    return protocol.assistant_prefix + protocol.decode(state.token_ids[turn.start : turn.end])
 
 
 class RLTrainer(ResumableTrainer):
@@ -307,14 +296,7 @@ class RLTrainer(ResumableTrainer):
         if self.reward_fn is not None:
             reward, correct = self.reward_fn(state, sample)
             return float(reward), bool(correct)
-        res = score_answer(
-            final_answer_text(state, self.protocol),
-            sample.answer,
-            sample.answer_type,
-            sample.candidates,
-            sample.options,
-            self.reward_cfg,
-        )
+        res = score_trajectory(state, sample, self.protocol, self.reward_cfg)
         return res.reward, res.correct
 
     def _rollouts(self, states: list[TrajectoryState]) -> list:

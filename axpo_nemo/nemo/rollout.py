@@ -13,16 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from axpo_nemo.agent.protocol import ChatProtocol
-from axpo_nemo.agent.rewards import RewardConfig, score_answer
 from axpo_nemo.agent.trajectory import TrajectoryState
-from axpo_nemo.data.schema import Sample
 
 __all__ = [
     "QuestionOrder",
     "exclude_nonfinite_rows",
     "reduce_train_metrics",
-    "reward_of",
     "row_images",
     "sanitize_behaviour_logprobs",
 ]
@@ -58,26 +54,6 @@ class QuestionOrder:
             out.extend(perm[self.position : self.position + take])
             self.position += take
         return out
-
-
-def reward_of(
-    state: TrajectoryState, sample: Sample, protocol: ChatProtocol, cfg: RewardConfig
-) -> tuple[float, bool]:
-    """(reward, correct) of a finished trajectory: its last turn's answer checked against ``sample``.
-
-    The same scoring as the local trainer (`local.rl.final_answer_text` + `score_answer`).
-    """
-    from axpo_nemo.local.rl import final_answer_text
-
-    res = score_answer(
-        final_answer_text(state, protocol),
-        sample.answer,
-        sample.answer_type,
-        sample.candidates,
-        sample.options,
-        cfg,
-    )
-    return float(res.reward), bool(res.correct)
 
 
 def row_images(states: Sequence[TrajectoryState]) -> list[list[dict[str, torch.Tensor]]]:

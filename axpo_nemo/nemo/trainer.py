@@ -44,6 +44,7 @@ from axpo_nemo.agent.groups import group_states, resample_states
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig
+from axpo_nemo.agent.scoring import score_trajectory
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
 from axpo_nemo.core import (
@@ -61,7 +62,6 @@ from axpo_nemo.nemo.rollout import (
     QuestionOrder,
     exclude_nonfinite_rows,
     reduce_train_metrics,
-    reward_of,
     row_images,
     sanitize_behaviour_logprobs,
 )
@@ -179,10 +179,8 @@ class NemoRLTrainer:
         )  # fmt: skip
         out = []
         for s in states:
-            reward, correct = reward_of(
-                s, self.questions[s.metadata["question"]], self.protocol, self.reward_cfg
-            )
-            out.append(s.to_rollout(reward=reward, correct=correct))
+            res = score_trajectory(s, self.questions[s.metadata["question"]], self.protocol, self.reward_cfg)
+            out.append(s.to_rollout(reward=float(res.reward), correct=bool(res.correct)))
         return out
 
     # -- the step ------------------------------------------------------------------------------
