@@ -242,6 +242,7 @@ def test_scoring_originals_during_the_resample_wave_changes_nothing(base, questi
     # The overlapped path scores the originals on a second thread while the forks generate, and
     # backpropagates the group without a selected prefix there; it must make the same update.
     kw = {"reward_fn": tools_fail_reward, "loss": LossConfig(kl_coef=0.05), "axpo": AXPOConfig(r=0.5, k=2)}
+    kw["speculative_resampling"] = False  # with it, the whole wave ran before: nothing to overlap
     overlapped = make(base, questions, overlap_scoring=True, **kw)
     sequential = make(base, questions, overlap_scoring=False, **kw)
     a, b = overlapped.step(), sequential.step()
@@ -277,12 +278,56 @@ def test_where_the_wave_cuts_the_early_work_changes_no_bit(base, questions, monk
     runs = {}
     for name, event in (("never", Never), ("always", Always)):
         monkeypatch.setattr(rl, "_wave_signal", event)
-        trainer = make(base, questions, micro_batch_size=1, **kw)
+        trainer = make(base, questions, micro_batch_size=1, speculative_resampling=False, **kw)
         metrics = comparable(trainer.step())
         runs[name] = (metrics, trainer.last_early_micro_batches, [p.detach().clone() for p in trainer.model.parameters()])
     (a, na, pa), (b, nb, pb) = runs["never"], runs["always"]
     assert na == 2 and nb == 0
     assert a == b and all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+
+
+def tool_group_zero_right(state, sample):
+    """Group 0's original tool rollouts are right (not triggered), group 1's wrong; forks vary."""
+    if state.source is not None:
+        return float(state.index % 2 == 0), state.index % 2 == 0
+    ok = state.group == 0
+    return float(ok), ok
+
+
+@pytest.mark.parametrize(
+    ("reward_fn", "hits"),
+    [(tools_fail_reward, 1), (tool_group_zero_right, 0)],
+    ids=["guess-right", "guess-wrong"],
+)
+def test_speculative_resampling_samples_the_same_wave(base, questions, reward_fn, hits):
+    # Budget M = 1 of 2 groups: the guess (every tool group all wrong) takes group 0's prefix (a
+    # tie on uncertainty, broken by row). Right when group 0 triggers; when its tool rollouts are
+    # right the plan takes group 1's, the speculated forks are discarded and group 1's run after.
+    kw = {"reward_fn": reward_fn, "loss": LossConfig(kl_coef=0.05), "axpo": AXPOConfig(r=0.5, k=2)}
+    spec = make(base, questions, speculative_resampling=True, **kw)
+    plain = make(base, questions, speculative_resampling=False, **kw)
+    a, b = spec.step(), plain.step()
+    assert a["speculated_prefixes"] == 1 and b["speculated_prefixes"] == 0
+    assert a["speculation_hits"] == hits and a["prefixes_selected"] == 1
+    assert spec.last.plan.selected.tolist() == plain.last.plan.selected.tolist() == [2 * (1 - hits)]
+    assert [s.token_ids for s in spec.last.states] == [s.token_ids for s in plain.last.states]
+    assert [s.source for s in spec.last.states] == [s.source for s in plain.last.states]
+    assert [s.index for s in spec.last.states] == list(range(6))
+    mask = spec.last.advantages.loss_mask
+    assert torch.equal(mask, plain.last.advantages.loss_mask) and mask[4:].any()
+    torch.testing.assert_close(spec.last.old_logprobs[mask], plain.last.old_logprobs[mask], atol=1e-5, rtol=0)
+    for name in ("loss", "pg_loss", "kl_penalty", "ratio_mean", "grad_norm", "loss_tokens", "rows", "reward_mean"):
+        assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), name
+    for p, q in zip(spec.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
+
+
+def test_a_speculated_wave_nobody_uses_is_cancelled(base, questions):
+    # Every rollout right: no group triggers, so the speculative wave is stopped, not awaited.
+    trainer = make(base, questions, reward_fn=lambda s, q: (1.0, True), axpo=AXPOConfig(r=0.5, k=2))
+    metrics = trainer.step()
+    assert metrics["speculated_prefixes"] == 1 and metrics["speculation_hits"] == 0
+    assert metrics["prefixes_selected"] == 0 and metrics["rows"] == 4
 
 
 def test_early_gradients_are_dropped_when_their_advantages_changed(base, questions):

@@ -38,6 +38,7 @@ import argparse
 import copy
 import statistics
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -87,6 +88,7 @@ class ReferenceCalls:
                 )
                 self.turns[i] = tokenizer(text, add_special_tokens=False)["input_ids"]
         self.phase_stats: dict[str, Counter] = {"rollout": Counter(), "resample": Counter()}
+        self.lock = threading.Lock()
 
     def _scripted(self, state) -> list[int] | None:
         ids = self.turns.get(state.metadata.get("question"))
@@ -135,11 +137,10 @@ class ReferenceCalls:
         return out
 
     def _counted(self, states, params):
-        before = self.inner.stats.as_dict()
         sampled = self.inner.generate(states, params)
         phase = "resample" if any(s.source is not None for s in states) else "rollout"
-        after = self.inner.stats.as_dict()
-        self.phase_stats[phase].update({k: after[k] - before[k] for k in after})
+        with self.lock:  # the speculative wave generates on its own thread
+            self.phase_stats[phase].update(self.inner.last_call_stats.as_dict())
         return sampled
 
     def _without_vision_tokens(self, cont: Continuation) -> Continuation:

@@ -11,6 +11,7 @@ A backend implements only `Generator.generate(states, params) -> list[Continuati
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -363,6 +364,7 @@ def run_rollouts(
     *,
     protocol: ChatProtocol,
     allowed_tools: Callable[[TrajectoryState], Collection[str]] | None = None,
+    on_round_end: Callable[[int], None] | None = None,
 ) -> list[TrajectoryState]:
     """Run every unfinished state to the end; returns the same states (updated in place).
 
@@ -371,7 +373,8 @@ def run_rollouts(
     `fork_at_tool_call`) continue their open turn exactly like originals. ``allowed_tools(state)``
     names the tools a state's question offers (empty: all of ``tools``); a call to any other tool
     is an ``unknown_tool`` error observation, as if the tool did not exist, while every state
-    still shares one generation batch per turn.
+    still shares one generation batch per turn. ``on_round_end(r)`` is called after round r
+    (0-based) has appended its observations: e.g. after round 0 every state's first turn is final.
     """
     registry = _tool_registry(tools)
     all_names = frozenset(registry)
@@ -383,7 +386,7 @@ def run_rollouts(
     for s in states:
         if not s.finished and len(s) >= cfg.max_total_tokens:
             s.finish("prompt_too_long" if len(s) == s.prompt_len else "max_total_tokens")
-    while True:
+    for round_index in itertools.count():
         batch, params = [], []
         for s in states:
             if s.finished:
@@ -432,3 +435,6 @@ def run_rollouts(
                 else:
                     outcomes.append(by_record[id(rec)])
             _observe(s, records, outcomes, protocol, cfg)
+        if on_round_end is not None:
+            on_round_end(round_index)
+    raise AssertionError("unreachable")

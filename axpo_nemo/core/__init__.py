@@ -46,6 +46,7 @@ from axpo_nemo.core.selection import (
     group_tool_stats,
     plan_resampling,
     resample_budget,
+    speculative_plan,
     tool_call_uncertainty,
 )
 
@@ -68,6 +69,7 @@ __all__ = [
     "plan_resampling",
     "policy_loss",
     "resample_budget",
+    "speculative_plan",
     "step_metrics",
     "tool_call_uncertainty",
 ]

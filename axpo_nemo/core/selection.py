@@ -14,6 +14,7 @@ DESIGN.md §1 steps 1-4, vectorised over the whole step:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -171,3 +172,17 @@ def plan_resampling(batch: RolloutBatch, cfg: AXPOConfig, seed: int = 0) -> Resa
         k=cfg.k,
         prefix_fixing=cfg.prefix_fixing,
     )
+
+
+def speculative_plan(batch: RolloutBatch, cfg: AXPOConfig, seed: int = 0) -> ResamplePlan:
+    """The plan `plan_resampling` would make if every group with a tool-using rollout ended all wrong.
+
+    A guess a trainer can act on before the originals finish: once every rollout's first turn is
+    done, the candidate prefixes and their uncertainty are final (a rollout without a call in its
+    first turn ends there, so every first tool call is in turn 1), and only correctness is
+    missing. The guess is exact when every group that has a tool-using rollout ends triggered
+    (the collapse regime AXPO is for) and no rollout becomes tool-using later (a malformed first
+    call followed by a well-formed one). Pass the rows with placeholder correctness; it is ignored.
+    """
+    pessimistic = dataclasses.replace(batch, correct=torch.zeros_like(batch.correct))
+    return plan_resampling(pessimistic, cfg, seed)

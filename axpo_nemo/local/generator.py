@@ -32,6 +32,7 @@ continuation does not depend on which other states share its batch, nor on prefi
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,9 @@ __all__ = ["GeneratorStats", "LocalGenerator", "mrope_positions", "sample_tokens
 @dataclass
 class GeneratorStats(WorkCounters):
     """Work counters of a `LocalGenerator` (cumulative; `reset` clears them).
+
+    Several threads may call ``generate`` at once (the trainer's speculative resampling does):
+    each call counts on its own and adds to ``stats`` when it ends.
 
     Attributes:
         generate_calls: ``generate`` calls.
@@ -159,12 +163,19 @@ class LocalGenerator:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = frozenset(int(e) for e in eos)
         self.stats = GeneratorStats()
+        self._stats_lock = threading.Lock()
+        self._tls = threading.local()  # this thread's counters of its current / last call
 
     @classmethod
     def from_bundle(cls, bundle, **kwargs) -> LocalGenerator:
         """A generator for a `PolicyBundle` (model, processor, tokenizer)."""
         kwargs.setdefault("merge_size", bundle.processor.image_processor.merge_size)
         return cls(bundle.model, bundle.tokenizer, **kwargs)
+
+    @property
+    def last_call_stats(self) -> GeneratorStats:
+        """The work of the calling thread's last ``generate`` call (threads may generate at once)."""
+        return getattr(self._tls, "stats", None) or GeneratorStats()
 
     @property
     def device(self) -> torch.device:
@@ -193,7 +204,7 @@ class LocalGenerator:
     ) -> list[Continuation]:
         """Sample one turn for each state (see the module docstring); never mutates the states."""
         params = per_state_params(states, params)
-        self.stats.generate_calls += 1
+        self._tls.stats = GeneratorStats(generate_calls=1)
         out: list[Continuation | None] = [None] * len(states)
         groups: dict[tuple, list[int]] = {}
         for i, (s, p) in enumerate(zip(states, params, strict=True)):
@@ -218,6 +229,9 @@ class LocalGenerator:
         finally:
             self.model.train(was_training)
             torch.set_num_threads(threads)
+            with self._stats_lock:
+                for name, value in self._tls.stats.as_dict().items():
+                    setattr(self.stats, name, getattr(self.stats, name) + value)
         return out  # type: ignore[return-value]
 
     def _prefill(self, contexts: list[TrajectoryState]):
@@ -245,7 +259,7 @@ class LocalGenerator:
                     pixels.append(slot.image.pixel_values)
                     grids.append(slot.image.grid_thw)
                     visual[r, pad + slot.start : pad + slot.end] = True
-                self.stats.prefill_tokens += n
+                self._tls.stats.prefill_tokens += n
             inputs = {
                 "input_ids": ids,
                 "attention_mask": mask[k : k + len(part)],
@@ -257,10 +271,10 @@ class LocalGenerator:
                 inputs["image_grid_thw"] = torch.stack(grids)
             # Image features go where the slots say, so a sampled <|image_pad|> is just a token.
             out = encode(self.model, inputs, past_key_values=DynamicCache(config=self.model.config.get_text_config()))
-            self.stats.prefill_calls += 1
+            self._tls.stats.prefill_calls += 1
             caches.append(out.past_key_values)
             logits.append(self.model.lm_head(out.last_hidden_state[:, -1]).float())
-        self.stats.prefill_sequences += len(contexts)
+        self._tls.stats.prefill_sequences += len(contexts)
         cache = caches[0]
         if len(caches) > 1:  # same padded width, so the chunks stack on the batch dim
             for li, layer in enumerate(cache.layers):
@@ -280,7 +294,7 @@ class LocalGenerator:
             index = torch.tensor(row_ctx, device=dev)
             cache.batch_select_indices(index)
             logits, mask = logits[index], mask[index]
-            self.stats.shared_rows += len(states) - len(contexts)
+            self._tls.stats.shared_rows += len(states) - len(contexts)
         idx_cpu = torch.tensor(row_ctx)
         text_pos = torch.tensor([len(s) for s in states])
         rope_pos = rope_next[idx_cpu]
@@ -324,11 +338,11 @@ class LocalGenerator:
                 past_key_values=cache,
                 use_cache=True,
             )
-            self.stats.decode_steps += 1
+            self._tls.stats.decode_steps += 1
             cache = res.past_key_values
             logits = res.logits[:, -1].float()
             text_pos, rope_pos = text_pos + 1, rope_pos + 1
-        self.stats.sampled_tokens += sum(len(t) for t in tokens)
+        self._tls.stats.sampled_tokens += sum(len(t) for t in tokens)
         return [
             Continuation(t, x, reason, stop)
             for t, x, (reason, stop) in zip(tokens, logprobs, ends, strict=True)

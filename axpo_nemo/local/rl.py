@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from axpo_nemo.agent.groups import group_states, resample_states
+from axpo_nemo.agent.groups import continuation_states, group_states, resample_states
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig
@@ -60,6 +60,7 @@ from axpo_nemo.core import (
     assemble_advantages,
     plan_resampling,
     policy_loss,
+    speculative_plan,
     step_metrics,
 )
 from axpo_nemo.core.config import ValidatedConfig, setting
@@ -72,6 +73,7 @@ from axpo_nemo.local.optim import (
 )
 from axpo_nemo.local.policy import iter_logprobs, plan_micro_batches
 from axpo_nemo.local.resumable import ResumableTrainer
+from axpo_nemo.local.speculation import SpeculativeWave
 
 __all__ = ["LOSS_METRIC_NAMES", "RLConfig", "RLTrainer", "StepRecord"]
 
@@ -131,6 +133,16 @@ class RLConfig(ValidatedConfig):
         "mini_batches = 1) backpropagates the rows of groups with no selected prefix, whose "
         "advantages the wave cannot change. Same update up to float summation order; on a CPU it "
         "puts the core that single-threaded decoding leaves idle to work.",
+    )
+    speculative_resampling: bool = setting(
+        True,
+        "AXPO: once every original rollout's first turn is done (the candidate prefixes are then "
+        "final), guess the plan as if every group with a tool-using rollout ended all wrong "
+        "(`core.speculative_plan`) and roll those prefixes' continuations out, and score them, on "
+        "a second thread while the originals finish. The final plan uses the ones it selects "
+        "(continuations are seeded by source row, so they are the ones the wave would sample) and "
+        "rolls out the rest afterwards. Same rollouts up to float noise from batch composition; "
+        "on a CPU it moves the wave onto the core single-threaded decoding leaves idle.",
     )
     seed: int = setting(0, "Seed of question order, sampling, selection and mini-batch shuffles.")
 
@@ -299,16 +311,42 @@ class RLTrainer(ResumableTrainer):
         res = score_trajectory(state, sample, self.protocol, self.reward_cfg)
         return res.reward, res.correct
 
-    def _rollouts(self, states: list[TrajectoryState]) -> list:
+    def _run_loop(self, states: list[TrajectoryState], on_round_end: Callable[[int], None] | None = None) -> None:
         run_rollouts(
             states, self.generator, self.tools, self.loop_cfg, protocol=self.protocol,
             allowed_tools=lambda s: self.questions[s.metadata["question"]].allowed_tools,
+            on_round_end=on_round_end,
         )  # fmt: skip
+
+    def _rewarded(self, states: list[TrajectoryState]) -> RolloutBatch:
         out = []
         for s in states:
             reward, correct = self._reward(s)
             out.append(s.to_rollout(reward=reward, correct=correct))
-        return out
+        return RolloutBatch.from_rollouts(out, pad_id=self.pad_id)
+
+    def _speculate(
+        self, wave: SpeculativeWave, states: list[TrajectoryState], prompts: list
+    ) -> Callable[[int], None]:
+        """The originals' round hook that starts ``wave`` once every first turn is done."""
+
+        def on_round_end(round_index: int) -> None:
+            if round_index != 0:
+                return
+            partial = RolloutBatch.from_rollouts([s.to_rollout() for s in states], pad_id=self.pad_id)
+            guess = speculative_plan(partial, self.axpo_cfg, seed=self._plan_seed())
+            make = {"k": guess.k, "prefix_fixing": guess.prefix_fixing, "seed": self.cfg.seed}
+            wave.start(
+                {
+                    src: continuation_states(src, states, prompts, step=self.step_count, **make)
+                    for src in guess.selected.tolist()
+                }
+            )
+
+        return on_round_end
+
+    def _plan_seed(self) -> int:
+        return derive_seed("plan", self.cfg.seed, self.step_count)
 
     # -- logprobs and update -------------------------------------------------------------------
 
@@ -333,6 +371,12 @@ class RLTrainer(ResumableTrainer):
                 out[chunk.rows, : chunk.logprobs.shape[1]] = chunk.logprobs.cpu()
         return out
 
+    def _score_continuations(
+        self, states: list[TrajectoryState], needed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Old and reference logprobs of speculated continuations (on their own micro-batches)."""
+        return self._score_pair(states, needed, self._micro_batches(list(range(len(states))), states))
+
     def _score_pair(
         self, states, needed: torch.Tensor, batches: list[list[int]]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -343,12 +387,12 @@ class RLTrainer(ResumableTrainer):
 
     def _rollouts_while_scoring(
         self,
-        extra: list[TrajectoryState],
+        wave: Callable[[], RolloutBatch],
         states: list[TrajectoryState],
         originals: RolloutBatch,
         plan: ResamplePlan,
     ) -> tuple[RolloutBatch, tuple[torch.Tensor, torch.Tensor | None], _EarlyUpdate | None]:
-        """Roll the resampled states out while a second thread works on the original rows.
+        """Run ``wave`` (the resampled rows' rollouts) while a second thread works on the originals.
 
         Nothing the resample wave produces changes the originals' old and reference logprobs (the
         weights do not change before the update), nor the advantages of groups with no selected
@@ -399,7 +443,7 @@ class RLTrainer(ResumableTrainer):
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="axpo-score") as pool:
                 future = pool.submit(work)
                 try:
-                    extra_batch = RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_id)
+                    extra_batch = wave()
                 finally:
                     wave_done.set()  # the thread finishes its micro-batch and leaves the rest
                 early, pre = future.result()
@@ -566,6 +610,8 @@ class RLTrainer(ResumableTrainer):
         ``entropy`` if enabled); ``reward_mean`` (originals) and ``resample_reward_mean``;
         ``rows``, ``loss_tokens``, ``total_tokens``, ``generated_tokens``, ``nonfinite_rows``,
         ``zero_advantage_rows`` (skipped, see `RLConfig.skip_zero_advantage`);
+        ``speculated_prefixes`` and ``speculation_hits`` (speculated prefixes the plan selected,
+        see `RLConfig.speculative_resampling`);
         timings ``rollout_s``, ``resample_s``, ``logprob_s``, ``train_s``, ``step_s``; ``step``
         and ``epoch``.
         """
@@ -580,25 +626,58 @@ class RLTrainer(ResumableTrainer):
         states = group_states(
             prompts, picks, [self.questions[q].id for q in picks], group_size=n, seed=cfg.seed, step=self.step_count
         )
-        originals = RolloutBatch.from_rollouts(self._rollouts(states), pad_id=self.pad_id)
-        t_rollout = time.perf_counter()
+        axpo = cfg.algorithm == "axpo"
+        spec = None
+        if axpo and cfg.speculative_resampling:
+            spec = SpeculativeWave(self._run_loop, self._score_continuations)
+        plan: ResamplePlan | None = None
+        speculated: dict[int, list[TrajectoryState]] = {}
+        try:
+            self._run_loop(states, self._speculate(spec, states, prompts) if spec is not None else None)
+            originals = self._rewarded(states)
+            t_rollout = time.perf_counter()
 
-        plan, batch, all_states = None, originals, states
-        early = None  # (old, ref) of the original rows, scored while the resample wave ran
-        pre: _EarlyUpdate | None = None  # rows already backpropagated during the wave
-        if cfg.algorithm == "axpo":
-            plan = plan_resampling(
-                originals, self.axpo_cfg, seed=derive_seed("plan", cfg.seed, self.step_count)
-            )
-            if plan.num_selected:
-                extra = resample_states(plan, states, prompts, seed=cfg.seed, step=self.step_count)
-                if cfg.overlap_scoring:
-                    extra_batch, early, pre = self._rollouts_while_scoring(extra, states, originals, plan)
+            batch, all_states = originals, states
+            early = None  # (old, ref) of the original rows, scored while the resample wave ran
+            pre: _EarlyUpdate | None = None  # rows already backpropagated during the wave
+            prescored: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = []  # (rows, old, ref)
+            if spec is not None:
+                speculated = spec.forks
+            if axpo:
+                plan = plan_resampling(originals, self.axpo_cfg, seed=self._plan_seed())
+            if plan is not None and plan.num_selected:
+                extra = resample_states(
+                    plan, states, prompts, seed=cfg.seed, step=self.step_count, made=speculated
+                )
+                ran = {id(f) for fs in speculated.values() for f in fs}
+                leftovers = [f for f in extra if id(f) not in ran]
+
+                def wave() -> RolloutBatch:
+                    self._run_loop(leftovers)
+                    if spec is not None:
+                        result = spec.result()
+                        if result.old is not None:
+                            at = result.rows_of(extra)
+                            rows_, pos = [i for _, i in at], [p for p, _ in at]
+                            ref_ = result.ref[pos] if result.ref is not None else None
+                            prescored.append((rows_, result.old[pos], ref_))
+                    return self._rewarded(extra)
+
+                # The overlap thread only pays off when there is a wave left to hide it behind.
+                if cfg.overlap_scoring and leftovers:
+                    extra_batch, early, pre = self._rollouts_while_scoring(wave, states, originals, plan)
                 else:
-                    extra_batch = RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_id)
+                    extra_batch = wave()
                 batch = originals.concat(extra_batch)
                 all_states = states + extra
+        finally:
+            if spec is not None:
+                used = plan is not None and any(src in speculated for src in plan.selected.tolist())
+                if not used:
+                    spec.cancel()  # nothing it makes is used, so stopping it early changes nothing
+                spec.close()
         t_resample = time.perf_counter()
+        speculation_hits = sum(src in speculated for src in plan.selected.tolist()) if plan is not None else 0
 
         adv = assemble_advantages(batch, plan, self.axpo_cfg, self.adv_cfg)
         rows = [i for i in range(batch.num_rows) if bool(adv.loss_mask[i].any())]
@@ -607,15 +686,19 @@ class RLTrainer(ResumableTrainer):
             signal = ((adv.advantages != 0) & adv.loss_mask).any(dim=1)
             skip = {i for i in rows if not bool(signal[i])}
         batches = self._micro_batches([i for i in rows if i not in skip], all_states)
-        if early is None:
+        if early is not None:
+            prescored.append((list(range(originals.num_rows)), early[0], early[1]))
+        if not prescored:
             old, ref = self._score_pair(all_states, adv.loss_mask, batches)
-        else:  # only the resampled rows are left to score
-            r0, s0 = originals.num_rows, originals.token_ids.shape[1]
-            late = self._micro_batches([i for i in rows if i not in skip and i >= r0], all_states)
+        else:  # only the rows nobody scored yet
+            known = {i for part_rows, _, _ in prescored for i in part_rows}
+            late = self._micro_batches([i for i in rows if i not in skip and i not in known], all_states)
             old, ref = self._score_pair(all_states, adv.loss_mask, late)
-            old[:r0, :s0] = early[0]
-            if ref is not None:
-                ref[:r0, :s0] = early[1]
+            for part_rows, part_old, part_ref in prescored:
+                width = min(part_old.shape[1], old.shape[1])  # discarded continuations may be longer
+                old[part_rows, :width] = part_old[:, :width]
+                if ref is not None and part_ref is not None:
+                    ref[part_rows, :width] = part_ref[:, :width]
         finite = torch.where(adv.loss_mask, old, 0.0).isfinite().all(dim=1)
         if ref is not None:
             finite &= torch.where(adv.loss_mask, ref, 0.0).isfinite().all(dim=1)
@@ -665,6 +748,8 @@ class RLTrainer(ResumableTrainer):
                 "generated_tokens": float(batch.generated.sum()),
                 "nonfinite_rows": float(nonfinite),
                 "zero_advantage_rows": float(len(skip)),
+                "speculated_prefixes": float(len(speculated)),
+                "speculation_hits": float(speculation_hits),
                 "rollout_s": t_rollout - t_start,
                 "resample_s": t_resample - t_rollout,
                 "logprob_s": t_logprob - t_resample,
