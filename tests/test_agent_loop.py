@@ -389,6 +389,51 @@ def test_fork_at_tool_call_continues_like_an_original(proto, prompt):
         fork_at_tool_call(originals[1], 2)
 
 
+def test_on_round_end_follows_each_round(proto, prompt):
+    states = [
+        make_state(prompt, [call("echo", text="a"), answer("x")], 0),
+        make_state(prompt, [answer("y")], 1),
+    ]
+    seen = []
+
+    def on_round_end(r):  # after round 0 every first turn is closed, the observation appended
+        seen.append((r, [s.num_turns for s in states], [s.finished for s in states]))
+
+    gen = ScriptedGenerator(proto.tokenizer)
+    config = AgentLoopConfig(max_new_tokens=128, max_total_tokens=2048, tool_timeout_s=5.0)
+    run_rollouts(states, gen, TOOLS, config, protocol=proto, on_round_end=on_round_end)
+    assert seen == [(0, [1, 1], [False, True]), (1, [2, 1], [True, True])]
+
+
+def test_continuations_are_keyed_by_source_whenever_they_are_made(proto, prompt):
+    import torch
+
+    from axpo_nemo.agent.groups import continuation_states, resample_states
+    from axpo_nemo.core import ResamplePlan
+
+    states = [make_state(prompt, [call("echo", text=t), answer("no")], i) for i, t in enumerate("ab")]
+    run(states, proto)
+
+    def plan(order):
+        n = len(order)
+        return ResamplePlan(
+            triggered=torch.tensor([True]), candidates=torch.tensor([0, 1]),
+            candidate_uncertainty=torch.zeros(2), selected=torch.tensor(order),
+            selected_uncertainty=torch.zeros(n), prefix_len=torch.zeros(n, dtype=torch.long), budget=2, k=2,
+        )  # fmt: skip
+
+    kw = {"seed": 5, "step": 3}
+    forward = resample_states(plan([0, 1]), states, [prompt], **kw)
+    backward = resample_states(plan([1, 0]), states, [prompt], **kw)
+    assert [(f.source, f.seed) for f in forward] == sorted((f.source, f.seed) for f in backward)
+    assert [f.index for f in backward] == [2, 3, 4, 5] and [f.source for f in backward] == [1, 1, 0, 0]
+    early = continuation_states(1, states, [prompt], k=2, prefix_fixing=True, **kw)
+    assert [f.seed for f in early] == [f.seed for f in forward[2:]]
+    made = resample_states(plan([1, 0]), states, [prompt], made={1: early}, **kw)
+    assert made[0] is early[0] and made[1] is early[1] and [f.index for f in made] == [2, 3, 4, 5]
+    assert [f.seed for f in made] == [f.seed for f in backward]
+
+
 def test_config_and_protocol_objects():
     assert isinstance(ScriptedGenerator(None), Generator)
     with pytest.raises(ValueError, match="max_turns"):

@@ -18,6 +18,7 @@ from core_helpers import (
     batch,
     continuation,
     no_tool_rollout,
+    originals,
     tool_rollout,
 )
 
@@ -308,3 +309,24 @@ def test_random_selection_is_seeded_and_breadth_first():
         assert sorted(group_of[i] for i in sel[3:]) == [0, 1, 2]  # round 2: one per group
         seen.add(tuple(sel))
     assert len(seen) > 1, "different seeds never gave a different order"
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculation: the plan guessed before correctness is known
+# ---------------------------------------------------------------------------------------------
+
+
+def test_speculative_plan_assumes_every_tool_group_all_wrong():
+    # The scenario's g1 has a correct tool rollout (row 4), so the real plan (budget M = 2) takes
+    # g0's two candidates, rows 0 (u=.2) then 1 (u=.4). The guess ignores correctness: g1 counts
+    # as triggered, so round 1 takes both groups' most uncertain candidates, row 7 (u=.05) first.
+    orig = originals()
+    axpo = core.AXPOConfig(r=0.5, k=2)
+    real = core.plan_resampling(batch(orig), axpo)
+    guess = core.speculative_plan(batch(orig), axpo)
+    assert real.selected.tolist() == [0, 1]
+    assert guess.selected.tolist() == [7, 0] and guess.budget == real.budget == 2
+    # With g1's right rollout wrong too, the real plan is the guess: exact in the collapse regime.
+    orig[4] = tool_rollout(1, 0.0, u=0.9)
+    assert core.plan_resampling(batch(orig), axpo).selected.tolist() == [7, 0]
+    assert core.speculative_plan(batch(orig), axpo).selected.tolist() == [7, 0]

@@ -145,6 +145,33 @@ def test_samples_do_not_depend_on_batch_composition(bundle, proto, prompt):
     assert other_seed.token_ids != alone.token_ids
 
 
+def test_two_threads_may_generate_at_once(bundle, prompt):
+    # The trainer's speculative wave samples on a second thread while the originals decode.
+    import threading
+
+    params = SamplingParams(max_new_tokens=12, seed=1, ignore_eos=True, stop_token_texts=())
+    gen = LocalGenerator.from_bundle(bundle)
+    first = [TrajectoryState.from_prompt(prompt, seed=i) for i in range(3)]
+    second = [TrajectoryState.from_prompt(prompt, seed=10 + i) for i in range(2)]
+    solo = [c.token_ids for c in gen.generate(first + second, params)]
+    solo_steps = gen.last_call_stats.decode_steps
+    gen.stats.reset()
+    results, work = {}, {}
+
+    def run(name, states):
+        results[name] = [c.token_ids for c in gen.generate(states, params)]
+        work[name] = gen.last_call_stats  # this thread's own call
+    threads = [threading.Thread(target=run, args=a) for a in (("a", first), ("b", second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["a"] + results["b"] == solo
+    assert work["a"].sampled_tokens == 36 and work["b"].sampled_tokens == 24
+    assert work["a"].decode_steps == work["b"].decode_steps == solo_steps == 11
+    assert gen.stats.generate_calls == 2 and gen.stats.sampled_tokens == 60 and gen.stats.decode_steps == 22
+
+
 def test_forks_prefill_the_prefix_once_and_match_scratch(bundle, proto, prompt):
     source = TrajectoryState.from_prompt(prompt, seed=0, index=0)
     gen = LocalGenerator.from_bundle(bundle)
