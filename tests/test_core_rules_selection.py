@@ -326,6 +326,8 @@ def test_speculative_plan_assumes_every_tool_group_all_wrong():
     guess = core.speculative_plan(batch(orig), axpo)
     assert real.selected.tolist() == [0, 1]
     assert guess.selected.tolist() == [7, 0] and guess.budget == real.budget == 2
+    # One extra prefix is the next in selection order: round 2 opens with g1's row 6 (u=.1 < .4).
+    assert core.speculative_plan(batch(orig), axpo, extra=1).selected.tolist() == [7, 0, 6]
     # With g1's right rollout wrong too, the real plan is the guess: exact in the collapse regime.
     orig[4] = tool_rollout(1, 0.0, u=0.9)
     assert core.plan_resampling(batch(orig), axpo).selected.tolist() == [7, 0]

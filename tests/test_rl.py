@@ -295,21 +295,22 @@ def tool_group_zero_right(state, sample):
 
 
 @pytest.mark.parametrize(
-    ("reward_fn", "hits"),
-    [(tools_fail_reward, 1), (tool_group_zero_right, 0)],
-    ids=["guess-right", "guess-wrong"],
+    ("reward_fn", "extra", "speculated", "hits", "selected"),
+    [(tools_fail_reward, 0, 1, 1, 0), (tool_group_zero_right, 0, 1, 0, 2), (tool_group_zero_right, 1, 2, 1, 2)],
+    ids=["guess-right", "guess-wrong", "guess-wrong-covered"],
 )
-def test_speculative_resampling_samples_the_same_wave(base, questions, reward_fn, hits):
+def test_speculative_resampling_samples_the_same_wave(base, questions, reward_fn, extra, speculated, hits, selected):
     # Budget M = 1 of 2 groups: the guess (every tool group all wrong) takes group 0's prefix (a
     # tie on uncertainty, broken by row). Right when group 0 triggers; when its tool rollouts are
-    # right the plan takes group 1's, the speculated forks are discarded and group 1's run after.
+    # right the plan takes group 1's: without an extra prefix the speculated forks are discarded
+    # and group 1's run after the originals; with one, group 1's were speculated too.
     kw = {"reward_fn": reward_fn, "loss": LossConfig(kl_coef=0.05), "axpo": AXPOConfig(r=0.5, k=2)}
-    spec = make(base, questions, speculative_resampling=True, **kw)
+    spec = make(base, questions, speculative_resampling=True, speculative_extra_prefixes=extra, **kw)
     plain = make(base, questions, speculative_resampling=False, **kw)
     a, b = spec.step(), plain.step()
-    assert a["speculated_prefixes"] == 1 and b["speculated_prefixes"] == 0
+    assert a["speculated_prefixes"] == speculated and b["speculated_prefixes"] == 0
     assert a["speculation_hits"] == hits and a["prefixes_selected"] == 1
-    assert spec.last.plan.selected.tolist() == plain.last.plan.selected.tolist() == [2 * (1 - hits)]
+    assert spec.last.plan.selected.tolist() == plain.last.plan.selected.tolist() == [selected]
     assert [s.token_ids for s in spec.last.states] == [s.token_ids for s in plain.last.states]
     assert [s.source for s in spec.last.states] == [s.source for s in plain.last.states]
     assert [s.index for s in spec.last.states] == list(range(6))
@@ -326,7 +327,7 @@ def test_a_speculated_wave_nobody_uses_is_cancelled(base, questions):
     # Every rollout right: no group triggers, so the speculative wave is stopped, not awaited.
     trainer = make(base, questions, reward_fn=lambda s, q: (1.0, True), axpo=AXPOConfig(r=0.5, k=2))
     metrics = trainer.step()
-    assert metrics["speculated_prefixes"] == 1 and metrics["speculation_hits"] == 0
+    assert metrics["speculated_prefixes"] == 2 and metrics["speculation_hits"] == 0
     assert metrics["prefixes_selected"] == 0 and metrics["rows"] == 4
 
 

@@ -133,19 +133,22 @@ def _ranks_within_groups(groups: torch.Tensor, order: torch.Tensor) -> torch.Ten
     return ranks
 
 
-def plan_resampling(batch: RolloutBatch, cfg: AXPOConfig, seed: int = 0) -> ResamplePlan:
+def plan_resampling(
+    batch: RolloutBatch, cfg: AXPOConfig, seed: int = 0, *, extra_budget: int = 0
+) -> ResamplePlan:
     """Find triggered groups and choose up to M prefixes to resample, breadth-first.
 
     Only original rows are considered. ``seed`` drives the ``random`` selection mode (use a
     different seed each step, e.g. ``base_seed * 100003 + step``); other modes are deterministic,
-    with ties broken by row index.
+    with ties broken by row index. ``extra_budget`` takes that many prefixes beyond M (the next
+    ones in selection order; `speculative_plan` uses it, AXPO itself never does).
     """
     stats = group_tool_stats(batch)
     orig = batch.is_original
     is_candidate = orig & batch.tool_using & stats.triggered[batch.group]
     candidates = torch.nonzero(is_candidate).flatten()
     uncertainty = tool_call_uncertainty(batch, candidates)
-    budget = resample_budget(int(orig.sum()), cfg.r, cfg.k)
+    budget = resample_budget(int(orig.sum()), cfg.r, cfg.k) + max(int(extra_budget), 0)
 
     if cfg.selection == "uncertainty":
         key = uncertainty
@@ -174,7 +177,7 @@ def plan_resampling(batch: RolloutBatch, cfg: AXPOConfig, seed: int = 0) -> Resa
     )
 
 
-def speculative_plan(batch: RolloutBatch, cfg: AXPOConfig, seed: int = 0) -> ResamplePlan:
+def speculative_plan(batch: RolloutBatch, cfg: AXPOConfig, seed: int = 0, extra: int = 0) -> ResamplePlan:
     """The plan `plan_resampling` would make if every group with a tool-using rollout ended all wrong.
 
     A guess a trainer can act on before the originals finish: once every rollout's first turn is
@@ -183,6 +186,8 @@ def speculative_plan(batch: RolloutBatch, cfg: AXPOConfig, seed: int = 0) -> Res
     missing. The guess is exact when every group that has a tool-using rollout ends triggered
     (the collapse regime AXPO is for) and no rollout becomes tool-using later (a malformed first
     call followed by a well-formed one). Pass the rows with placeholder correctness; it is ignored.
+    ``extra`` more prefixes, the next in selection order, cover that many groups that turn out
+    not triggered (their budget field counts them).
     """
     pessimistic = dataclasses.replace(batch, correct=torch.zeros_like(batch.correct))
-    return plan_resampling(pessimistic, cfg, seed)
+    return plan_resampling(pessimistic, cfg, seed, extra_budget=extra)

@@ -60,6 +60,7 @@ from axpo_nemo.core import (
     assemble_advantages,
     plan_resampling,
     policy_loss,
+    resample_budget,
     speculative_plan,
     step_metrics,
 )
@@ -143,6 +144,13 @@ class RLConfig(ValidatedConfig):
         "(continuations are seeded by source row, so they are the ones the wave would sample) and "
         "rolls out the rest afterwards. Same rollouts up to float noise from batch composition; "
         "on a CPU it moves the wave onto the core single-threaded decoding leaves idle.",
+    )
+    speculative_extra_prefixes: int = setting(
+        1,
+        "Prefixes speculated beyond the budget M, the next in selection order: each covers a "
+        "guessed group that ends with a correct tool rollout (not triggered). More costs second-"
+        "thread work and discarded rollouts.",
+        ge=0,
     )
     seed: int = setting(0, "Seed of question order, sampling, selection and mini-batch shuffles.")
 
@@ -331,10 +339,12 @@ class RLTrainer(ResumableTrainer):
         """The originals' round hook that starts ``wave`` once every first turn is done."""
 
         def on_round_end(round_index: int) -> None:
-            if round_index != 0:
+            if round_index != 0 or resample_budget(len(states), self.axpo_cfg.r, self.axpo_cfg.k) == 0:
                 return
             partial = RolloutBatch.from_rollouts([s.to_rollout() for s in states], pad_id=self.pad_id)
-            guess = speculative_plan(partial, self.axpo_cfg, seed=self._plan_seed())
+            guess = speculative_plan(
+                partial, self.axpo_cfg, seed=self._plan_seed(), extra=self.cfg.speculative_extra_prefixes
+            )
             make = {"k": guess.k, "prefix_fixing": guess.prefix_fixing, "seed": self.cfg.seed}
             wave.start(
                 {
