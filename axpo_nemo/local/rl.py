@@ -30,6 +30,7 @@ resumed from `RLTrainer.state_dict` reproduces the uninterrupted run's metrics e
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -129,7 +130,8 @@ class RLConfig(ValidatedConfig):
     log_entropy: bool = setting(False, "Report the policy entropy on loss tokens (costs a softmax).")
     overlap_scoring: bool = setting(
         True,
-        "AXPO: while the resample wave generates, a second thread computes the original rollouts' "
+        "AXPO, when the wave was not speculated (`speculative_resampling` off, or no speculated "
+        "prefix selected): while the resample wave generates, a second thread computes the original rollouts' "
         "old and reference logprobs and (one optimizer step per RL step, i.e. ppo_epochs = "
         "mini_batches = 1) backpropagates the rows of groups with no selected prefix, whose "
         "advantages the wave cannot change. Same update up to float summation order; on a CPU it "
@@ -142,8 +144,9 @@ class RLConfig(ValidatedConfig):
         "(`core.speculative_plan`) and roll those prefixes' continuations out, and score them, on "
         "a second thread while the originals finish. The final plan uses the ones it selects "
         "(continuations are seeded by source row, so they are the ones the wave would sample) and "
-        "rolls out the rest afterwards. Same rollouts up to float noise from batch composition; "
-        "on a CPU it moves the wave onto the core single-threaded decoding leaves idle.",
+        "rolls out the rest afterwards, while both threads score the originals one micro-batch "
+        "each at a time. Same rollouts up to float noise from batch composition, and independent "
+        "of thread timing; on a CPU it moves the wave onto the core single-threaded decoding leaves idle.",
     )
     speculative_extra_prefixes: int = setting(
         1,
@@ -461,6 +464,69 @@ class RLTrainer(ResumableTrainer):
             torch.set_num_threads(threads)
         return extra_batch, early, pre
 
+    def _finish_speculation(
+        self,
+        spec: SpeculativeWave,
+        extra: list[TrajectoryState],
+        leftovers: list[TrajectoryState],
+        states: list[TrajectoryState],
+        originals: RolloutBatch,
+        plan: ResamplePlan,
+        prescored: list[tuple[list[int], torch.Tensor, torch.Tensor | None]],
+    ) -> RolloutBatch:
+        """Roll out the selected prefixes nobody speculated, score the originals, join the wave.
+
+        The originals' old and reference logprobs do not depend on the wave, so they are scored
+        now, one micro-batch at a time, by this thread and by the wave's thread once its own
+        work is done, each single-threaded: a micro-batch gives the same bits whichever thread
+        takes it. Appends the originals' and the speculated continuations' logprobs to
+        ``prescored``; returns the resampled rows, rewarded.
+        """
+        tasks, old, ref, rows = self._original_scoring_tasks(states, originals, plan)
+        spec.tasks.put_all(tasks)
+        self._run_loop(leftovers)  # the wave's thread, once done, starts on the tasks meanwhile
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            spec.tasks.run()
+        finally:
+            torch.set_num_threads(threads)
+        result = spec.result()
+        prescored.append((rows, old[rows], ref[rows] if ref is not None else None))
+        if result.old is not None:
+            at = result.rows_of(extra)
+            fork_rows, pos = [i for _, i in at], [p for p, _ in at]
+            prescored.append((fork_rows, result.old[pos], result.ref[pos] if result.ref is not None else None))
+        return self._rewarded(extra)
+
+    def _original_scoring_tasks(
+        self, states: list[TrajectoryState], originals: RolloutBatch, plan: ResamplePlan
+    ) -> tuple[list[Callable[[], None]], torch.Tensor, torch.Tensor | None, list[int]]:
+        """One task per micro-batch filling ``old``/``ref`` ([R0, S0]) of the originals that train.
+
+        A row is left out only when it surely skips training (`RLConfig.skip_zero_advantage`):
+        no GRPO signal and no selected prefix in its group, whose advantages resampling may change.
+        """
+        needed = originals.generated
+        skips = self.cfg.skip_zero_advantage and self.loss_cfg.kl_coef == 0
+        adv = assemble_advantages(originals, None, self.axpo_cfg, self.adv_cfg)
+        signal = ((adv.advantages != 0) & adv.loss_mask).any(dim=1)
+        touched = {int(states[src].group) for src in plan.selected.tolist()}
+        rows = [
+            i
+            for i in range(originals.num_rows)
+            if bool(adv.loss_mask[i].any()) and (not skips or bool(signal[i]) or int(originals.group[i]) in touched)
+        ]
+        old = torch.zeros(needed.shape, dtype=torch.float32)
+        ref = torch.zeros(needed.shape, dtype=torch.float32) if self.reference is not None else None
+
+        def task(mb: list[int]) -> None:
+            old[mb] = self._score(self.model, states, needed, [mb])[mb]
+            if ref is not None:
+                ref[mb] = self._score(self.reference, states, needed, [mb])[mb]
+
+        return [functools.partial(task, mb) for mb in self._micro_batches(rows, states)], old, ref, rows
+
     def _confirm_early(self, pre: _EarlyUpdate, adv: StepAdvantages, trained: set[int]) -> _EarlyUpdate | None:
         """``pre`` if its rows train with exactly the step's final advantages and masks; else None.
 
@@ -642,19 +708,21 @@ class RLTrainer(ResumableTrainer):
             spec = SpeculativeWave(self._run_loop, self._score_continuations)
         plan: ResamplePlan | None = None
         speculated: dict[int, list[TrajectoryState]] = {}
+        early = None  # (old, ref) of the original rows, scored while the resample wave ran
+        pre: _EarlyUpdate | None = None  # rows already backpropagated during the wave
+        prescored: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = []  # (rows, old, ref)
         try:
             self._run_loop(states, self._speculate(spec, states, prompts) if spec is not None else None)
             originals = self._rewarded(states)
             t_rollout = time.perf_counter()
-
             batch, all_states = originals, states
-            early = None  # (old, ref) of the original rows, scored while the resample wave ran
-            pre: _EarlyUpdate | None = None  # rows already backpropagated during the wave
-            prescored: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = []  # (rows, old, ref)
             if spec is not None:
                 speculated = spec.forks
             if axpo:
                 plan = plan_resampling(originals, self.axpo_cfg, seed=self._plan_seed())
+            hits = [src for src in plan.selected.tolist() if src in speculated] if plan is not None else []
+            if spec is not None and not hits:
+                spec.cancel()  # nothing it makes is used, so stopping it early changes nothing
             if plan is not None and plan.num_selected:
                 extra = resample_states(
                     plan, states, prompts, seed=cfg.seed, step=self.step_count, made=speculated
@@ -664,17 +732,13 @@ class RLTrainer(ResumableTrainer):
 
                 def wave() -> RolloutBatch:
                     self._run_loop(leftovers)
-                    if spec is not None:
-                        result = spec.result()
-                        if result.old is not None:
-                            at = result.rows_of(extra)
-                            rows_, pos = [i for _, i in at], [p for p, _ in at]
-                            ref_ = result.ref[pos] if result.ref is not None else None
-                            prescored.append((rows_, result.old[pos], ref_))
                     return self._rewarded(extra)
 
-                # The overlap thread only pays off when there is a wave left to hide it behind.
-                if cfg.overlap_scoring and leftovers:
+                if spec is not None and hits:
+                    extra_batch = self._finish_speculation(
+                        spec, extra, leftovers, states, originals, plan, prescored
+                    )
+                elif cfg.overlap_scoring:
                     extra_batch, early, pre = self._rollouts_while_scoring(wave, states, originals, plan)
                 else:
                     extra_batch = wave()
@@ -682,12 +746,9 @@ class RLTrainer(ResumableTrainer):
                 all_states = states + extra
         finally:
             if spec is not None:
-                used = plan is not None and any(src in speculated for src in plan.selected.tolist())
-                if not used:
-                    spec.cancel()  # nothing it makes is used, so stopping it early changes nothing
                 spec.close()
         t_resample = time.perf_counter()
-        speculation_hits = sum(src in speculated for src in plan.selected.tolist()) if plan is not None else 0
+        speculation_hits = len(hits)
 
         adv = assemble_advantages(batch, plan, self.axpo_cfg, self.adv_cfg)
         rows = [i for i in range(batch.num_rows) if bool(adv.loss_mask[i].any())]

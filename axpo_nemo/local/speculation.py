@@ -21,6 +21,7 @@ wave uses the one it leaves idle.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 
 from axpo_nemo.agent.trajectory import TrajectoryState
 
-__all__ = ["SpeculativeResult", "SpeculativeWave", "continuation_positions"]
+__all__ = ["SharedTasks", "SpeculativeResult", "SpeculativeWave", "continuation_positions"]
 
 
 class _Cancelled(Exception):
@@ -78,6 +79,7 @@ class SpeculativeWave:
         self._future: Future | None = None
         self.forks: dict[int, list[TrajectoryState]] = {}
         self._cancelled = threading.Event()
+        self.tasks = SharedTasks()
 
     @property
     def started(self) -> bool:
@@ -99,9 +101,11 @@ class SpeculativeWave:
                 self._rollout(flat, self._stop_if_cancelled)
             except _Cancelled:
                 return None, None
-            if self._score is None or self._cancelled.is_set():
-                return None, None
-            return self._score(flat, continuation_positions(flat))
+            scores = (None, None)
+            if self._score is not None and not self._cancelled.is_set():
+                scores = self._score(flat, continuation_positions(flat))
+            self.tasks.run()  # then help the main thread with whatever it shares
+            return scores
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="axpo-speculate")
         self._future = self._pool.submit(work)
@@ -123,9 +127,43 @@ class SpeculativeWave:
 
     def close(self) -> None:
         """Wait for a running wave to end and free the thread (safe to call more than once)."""
+        self.tasks.put_all([])  # releases a wave waiting for tasks that will not come
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+class SharedTasks:
+    """Independent tasks that several threads take one at a time until none is left.
+
+    `run` blocks until `put_all` has been called (a helper thread may start waiting early), then
+    runs tasks until the list is empty. Each task runs exactly once, on whichever thread took it.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[Callable[[], object]] = deque()
+        self._posted = False
+        self._cond = threading.Condition()
+
+    def put_all(self, tasks: Sequence[Callable[[], object]]) -> None:
+        """Post every task at once (later calls are ignored: the list is closed)."""
+        with self._cond:
+            if self._posted:
+                return
+            self._items.extend(tasks)
+            self._posted = True
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        """Take and run tasks until none is left (after waiting for them to be posted)."""
+        while True:
+            with self._cond:
+                while not self._posted:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                task = self._items.popleft()
+            task()
 
 
 def continuation_positions(states: Sequence[TrajectoryState]) -> torch.Tensor:
