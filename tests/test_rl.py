@@ -331,6 +331,18 @@ def test_a_speculated_wave_nobody_uses_is_cancelled(base, questions):
     assert metrics["prefixes_selected"] == 0 and metrics["rows"] == 4
 
 
+def test_an_error_during_the_step_leaves_no_speculating_thread(base, questions):
+    import threading
+
+    def broken(state, sample):
+        raise RuntimeError("verifier crashed")
+
+    trainer = make(base, questions, reward_fn=broken, axpo=AXPOConfig(r=0.5, k=2))
+    with pytest.raises(RuntimeError, match="verifier crashed"):
+        trainer.step()
+    assert not [t for t in threading.enumerate() if t.name.startswith("axpo-speculate")]
+
+
 def test_early_gradients_are_dropped_when_their_advantages_changed(base, questions):
     from axpo_nemo.local.rl import _EarlyUpdate
 

@@ -744,6 +744,10 @@ class RLTrainer(ResumableTrainer):
                     extra_batch = wave()
                 batch = originals.concat(extra_batch)
                 all_states = states + extra
+        except BaseException:
+            if spec is not None:
+                spec.cancel()  # e.g. Ctrl-C: do not wait for the wave to finish its rollouts
+            raise
         finally:
             if spec is not None:
                 spec.close()
