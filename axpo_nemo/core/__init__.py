@@ -33,22 +33,31 @@ One training step::
     metrics = core.step_metrics(batch, plan)   # tool_use_rate, resample_recovery_rate, ...
 
 GRPO is the same with the resampling stage off: ``assemble_advantages(originals)`` (no plan).
+
+Exports resolve lazily (on first use): importing `axpo_nemo.core.config` alone, as the config
+schema does, imports no torch.
 """
 
-from axpo_nemo.core.advantages import StepAdvantages, assemble_advantages, group_normalize
-from axpo_nemo.core.config import AdvantageConfig, AXPOConfig, LossConfig
-from axpo_nemo.core.loss import kl_estimate, policy_loss
-from axpo_nemo.core.metrics import STEP_METRIC_NAMES, pass_at_k, step_metrics
-from axpo_nemo.core.rollout import Rollout, RolloutBatch, ToolCallSpan
-from axpo_nemo.core.selection import (
-    GroupToolStats,
-    ResamplePlan,
-    group_tool_stats,
-    plan_resampling,
-    resample_budget,
-    speculative_plan,
-    tool_call_uncertainty,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from axpo_nemo.core.advantages import StepAdvantages, assemble_advantages, group_normalize
+    from axpo_nemo.core.config import AdvantageConfig, AXPOConfig, LossConfig
+    from axpo_nemo.core.loss import kl_estimate, policy_loss
+    from axpo_nemo.core.metrics import STEP_METRIC_NAMES, pass_at_k, step_metrics
+    from axpo_nemo.core.rollout import Rollout, RolloutBatch, ToolCallSpan
+    from axpo_nemo.core.selection import (
+        GroupToolStats,
+        ResamplePlan,
+        group_tool_stats,
+        plan_resampling,
+        resample_budget,
+        speculative_plan,
+        tool_call_uncertainty,
+    )
 
 __all__ = [
     "STEP_METRIC_NAMES",
@@ -73,3 +82,41 @@ __all__ = [
     "step_metrics",
     "tool_call_uncertainty",
 ]
+
+#: Exported name -> the submodule that defines it.
+_HOME = {
+    "StepAdvantages": "advantages",
+    "assemble_advantages": "advantages",
+    "group_normalize": "advantages",
+    "AXPOConfig": "config",
+    "AdvantageConfig": "config",
+    "LossConfig": "config",
+    "kl_estimate": "loss",
+    "policy_loss": "loss",
+    "STEP_METRIC_NAMES": "metrics",
+    "pass_at_k": "metrics",
+    "step_metrics": "metrics",
+    "Rollout": "rollout",
+    "RolloutBatch": "rollout",
+    "ToolCallSpan": "rollout",
+    "GroupToolStats": "selection",
+    "ResamplePlan": "selection",
+    "group_tool_stats": "selection",
+    "plan_resampling": "selection",
+    "resample_budget": "selection",
+    "speculative_plan": "selection",
+    "tool_call_uncertainty": "selection",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule defining ``name`` on first use (PEP 562)."""
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -58,8 +58,8 @@ from PIL import Image, ImageDraw
 
 from axpo_nemo.agent.protocol import format_assistant_turn
 from axpo_nemo.agent.tools.search import STOPWORDS, BM25Backend, Passage, split_title
-from axpo_nemo.core.config import ValidatedConfig, setting
 from axpo_nemo.data.schema import Sample, write_samples
+from axpo_nemo.data.synth_config import FAMILIES, FamilySpec, FamilyWeights, SynthConfig
 
 __all__ = [
     "FAMILIES",
@@ -78,29 +78,6 @@ MANIFEST_VERSION = 1
 EVAL_MODULUS = 5
 MAX_DRAWS = 5000  # rejection-sampling attempts per question before giving up
 DEDUP_DRAWS = 64  # attempts at an unused key before a repeat is accepted
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """A question family: the tool it needs (None: none) and how its answers are checked."""
-
-    name: str
-    tool: str | None
-    answer_type: str
-    description: str
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    spec.name: spec
-    for spec in (
-        FamilySpec("arith_small", None, "math", "one-digit addition or subtraction"),
-        FamilySpec("color_mc", None, "multiple_choice", "the image's dominant colour, 2-4 options"),
-        FamilySpec("python_multiply", "python", "math", "product of two two-digit numbers"),
-        FamilySpec("python_area", "python", "math", "pixel area of a coloured rectangle"),
-        FamilySpec("search_fact", "search", "short_answer", "a made-up fact about a made-up country"),
-        FamilySpec("zoom_digit", "image_zoom_in", "multiple_choice", "a tiny digit in a white box"),
-    )
-}
 
 # Exact RGB values, so code can find a colour's pixels by equality.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -158,97 +135,6 @@ _CODAS = ("", "", "", "n", "r", "l", "x", "sh", "t", "m")
 _RESERVED = frozenset(
     w.lower() for spec in RELATIONS.values() for w in re.findall(r"[A-Za-z]{2,}", spec["passage"])
 )
-
-
-@dataclass
-class FamilyWeights(ValidatedConfig):
-    """Relative frequency of each question family (0 switches a family off)."""
-
-    arith_small: float = setting(1.0, "No tool: one-digit addition/subtraction ('What is 3 + 4?').", ge=0.0)
-    color_mc: float = setting(
-        1.0, "No tool: the image's dominant colour as multiple choice (2-4 options).", ge=0.0
-    )
-    python_multiply: float = setting(
-        1.0, "python: product of two two-digit numbers; print(a * b) gives the answer.", ge=0.0
-    )
-    python_area: float = setting(
-        0.75,
-        "python: pixels covered by a coloured rectangle, counted by code over `image`.",
-        ge=0.0,
-    )
-    search_fact: float = setting(
-        1.0, "search: a made-up fact ('capital of Zorblat') stated by the corpus's top passage.", ge=0.0
-    )
-    zoom_digit: float = setting(
-        0.5,
-        "image_zoom_in: a tiny digit in a white box, readable only in a crop (multiple choice; "
-        "keep it a minority: the tiny model reads pixels poorly).",
-        ge=0.0,
-    )
-
-    def as_dict(self) -> dict[str, float]:
-        """Family name → weight, in `FAMILIES` order."""
-        return {name: float(getattr(self, name)) for name in FAMILIES}
-
-
-@dataclass
-class SynthConfig(ValidatedConfig):
-    """Settings of the synthetic multimodal tool task (``axpo data synth``)."""
-
-    seed: int = setting(0, "Seed of everything generated; the same config gives byte-identical files.")
-    num_sft: int = setting(200, "SFT trajectories (sft.jsonl).", ge=0)
-    num_rl: int = setting(64, "RL questions (rl.jsonl).", ge=0)
-    num_eval: int = setting(32, "Held-out evaluation questions (eval.jsonl), disjoint from sft/rl.", ge=0)
-    tool_fraction: float = setting(
-        0.25,
-        "Share of SFT trajectories that call a tool (tool families); the rest are no-tool families. "
-        "RL and eval questions follow the family weights alone.",
-        ge=0.0,
-        le=1.0,
-    )
-    weights: FamilyWeights = field(default_factory=FamilyWeights)
-    image_size: int = setting(
-        256,
-        "Side of the square images in pixels. The tiny processor shrinks images to 128 px, which "
-        "is what makes zoom_digit's 3x5 digit unreadable without a crop.",
-        ge=64,
-        le=2048,
-    )
-    arith_max: int = setting(9, "arith_small: operands range over 0..arith_max.", ge=2, le=99)
-    multiply_min: int = setting(12, "python_multiply: smallest operand.", ge=2)
-    multiply_max: int = setting(99, "python_multiply: largest operand.", ge=3)
-    min_options: int = setting(2, "Multiple-choice questions have at least this many options.", ge=2, le=6)
-    max_options: int = setting(4, "Multiple-choice questions have at most this many options.", ge=2, le=6)
-    corpus_distractors: int = setting(
-        16, "search_fact: extra made-up countries in the corpus that no question asks about.", ge=0
-    )
-
-    def __post_init__(self) -> None:
-        """Check bounds, then that the families can fill the requested splits."""
-        super().__post_init__()
-        if isinstance(self.weights, dict):  # built from a plain mapping (e.g. YAML)
-            self.weights = FamilyWeights(**self.weights)
-        errors = []
-        if self.multiply_min > self.multiply_max:
-            errors.append(f"multiply_min ({self.multiply_min}) must be <= multiply_max ({self.multiply_max})")
-        if self.min_options > self.max_options:
-            errors.append(f"min_options ({self.min_options}) must be <= max_options ({self.max_options})")
-        w = self.weights.as_dict()
-        tool_w = sum(v for k, v in w.items() if FAMILIES[k].tool)
-        plain_w = sum(v for k, v in w.items() if not FAMILIES[k].tool)
-        if (self.num_rl or self.num_eval or self.num_sft) and tool_w + plain_w <= 0:
-            errors.append("weights: at least one family needs a positive weight")
-        if self.num_sft and self.tool_fraction > 0 and tool_w <= 0:
-            errors.append(
-                "tool_fraction > 0 needs a tool family with a positive weight (weights.python_*, ...)"
-            )
-        if self.num_sft and self.tool_fraction < 1 and plain_w <= 0:
-            errors.append(
-                "tool_fraction < 1 needs a no-tool family with a positive weight "
-                "(weights.arith_small, weights.color_mc), or set tool_fraction: 1"
-            )
-        if errors:
-            raise ValueError("SynthConfig: " + "; ".join(errors))
 
 
 @dataclass

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from axpo_nemo.core.config import ValidatedConfig, setting
+from axpo_nemo.local.checkpoint_config import CheckpointConfig
 
 __all__ = [
     "CheckpointConfig",
@@ -67,36 +67,6 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TMP_RE = re.compile(r"^\.(?:tmp|old)-step_\d+-(\d+)$")
 _CHUNK = 8 << 20
-
-
-@dataclass
-class CheckpointConfig(ValidatedConfig):
-    """When checkpoints are written, how many are kept, and what a run resumes from."""
-
-    every: int = setting(
-        50, "Save a checkpoint every this many steps; 0: only at the end and on a stop signal.", ge=0
-    )
-    keep_last: int = setting(3, "Complete checkpoints kept on disk; the newest is never deleted.", ge=1)
-    resume: str = setting(
-        "auto",
-        "'auto': continue from the newest valid checkpoint in dir (start fresh if there is none); "
-        "'never': start fresh (refused if dir already holds checkpoints); otherwise a path to a "
-        "step_* folder, or to a checkpoint folder whose newest valid checkpoint is used.",
-    )
-    dir: str | None = setting(None, "Checkpoint folder; null: <output_dir>/checkpoints.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not str(self.resume).strip():
-            raise ValueError("CheckpointConfig: resume: must be 'auto', 'never' or a path (got '')")
-
-    def resolve_dir(self, output_dir: str | os.PathLike) -> Path:
-        """The checkpoint folder: ``dir``, or ``<output_dir>/checkpoints`` when unset."""
-        return Path(self.dir) if self.dir else Path(output_dir) / "checkpoints"
-
-    def due(self, step: int) -> bool:
-        """Whether the periodic schedule saves after ``step``."""
-        return self.every > 0 and step > 0 and step % self.every == 0
 
 
 class CheckpointError(RuntimeError):

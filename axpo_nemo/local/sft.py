@@ -33,7 +33,6 @@ from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.replay import replay
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState
-from axpo_nemo.core.config import ValidatedConfig, setting
 from axpo_nemo.data.schema import Sample
 from axpo_nemo.local.optim import (
     WarmupCosineSchedule,
@@ -43,35 +42,11 @@ from axpo_nemo.local.optim import (
 )
 from axpo_nemo.local.policy import iter_logprobs
 from axpo_nemo.local.resumable import ResumableTrainer
+from axpo_nemo.local.sft_config import SFTConfig
 
 __all__ = ["SFTConfig", "SFTExample", "SFTTrainer", "assistant_turns", "epoch_batches", "tokenize_samples"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SFTConfig(ValidatedConfig):
-    """Settings of supervised fine-tuning."""
-
-    steps: int = setting(0, "Optimizer steps; 0 means `epochs` passes over the data.", ge=0)
-    epochs: int = setting(1, "Passes over the data when steps is 0.", ge=1)
-    lr: float = setting(1e-5, "Peak learning rate (AdamW).", gt=0.0)
-    warmup_steps: int = setting(10, "Linear warm-up steps.", ge=0)
-    min_lr_ratio: float = setting(0.1, "Cosine decay ends at lr · min_lr_ratio.", ge=0.0, le=1.0)
-    weight_decay: float = setting(0.0, "AdamW weight decay (matrices only).", ge=0.0)
-    batch_size: int = setting(16, "Sequences per optimizer step.", ge=1)
-    micro_batch_size: int = setting(4, "Sequences per forward/backward pass at most.", ge=1)
-    micro_batch_tokens: int = setting(
-        0,
-        "Tokens encoded per forward pass at most (a shared prefix counts once, padding counts); 0: no limit.",
-        ge=0,
-    )
-    grad_clip: float = setting(1.0, "Clip the global gradient norm to this; 0: no clipping.", ge=0.0)
-    max_tokens: int = setting(8192, "Sequences longer than this (after replay) are skipped.", ge=2)
-    bucket_by_length: bool = setting(True, "Batch examples of similar length together (less padding).")
-    bucket_batches: int = setting(16, "Batches per length-sorting window when bucketing.", ge=1)
-    seed: int = setting(0, "Seed of the data order.")
-    log_every: int = setting(10, "Log a metrics line every this many steps in `train`.", ge=1)
 
 
 @dataclass
