@@ -40,8 +40,9 @@ schema does, imports no torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from axpo_nemo.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from axpo_nemo.core.advantages import StepAdvantages, assemble_advantages, group_normalize
@@ -108,15 +109,4 @@ _HOME = {
     "tool_call_uncertainty": "selection",
 }
 
-
-def __getattr__(name: str) -> Any:
-    """Import the submodule defining ``name`` on first use (PEP 562)."""
-    if name in _HOME:
-        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-        globals()[name] = value  # later lookups skip this hook
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)

@@ -6,8 +6,9 @@ config schema does, imports neither torch nor transformers.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from axpo_nemo.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from axpo_nemo.eval.export import export_checkpoint, export_from_state_dict, export_hf
@@ -45,15 +46,4 @@ _HOME = {
     "export_hf": "export",
 }
 
-
-def __getattr__(name: str) -> Any:
-    """Import the submodule holding ``name`` on first use (PEP 562)."""
-    if name in _HOME:
-        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-        globals()[name] = value  # later lookups skip this hook
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)

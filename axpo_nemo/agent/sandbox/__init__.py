@@ -48,8 +48,9 @@ trainer-side modules (whose config helpers import torch).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from axpo_nemo.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from axpo_nemo.agent.sandbox.config import SandboxConfig
@@ -75,8 +76,4 @@ _HOME = {
     "FAILURES": "pool",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)
