@@ -327,7 +327,7 @@ def test_a_speculated_wave_nobody_uses_is_cancelled(base, questions):
     # Every rollout right: no group triggers, so the speculative wave is stopped, not awaited.
     trainer = make(base, questions, reward_fn=lambda s, q: (1.0, True), axpo=AXPOConfig(r=0.5, k=2))
     metrics = trainer.step()
-    assert metrics["speculated_prefixes"] == 2 and metrics["speculation_hits"] == 0
+    assert metrics["speculated_prefixes"] == 1 and metrics["speculation_hits"] == 0
     assert metrics["prefixes_selected"] == 0 and metrics["rows"] == 4
 
 

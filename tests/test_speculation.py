@@ -60,6 +60,13 @@ def test_a_wave_rolls_out_scores_then_helps():
     assert result.forks == forks and result.old.shape == (2, 4) and result.ref is None
 
 
+def test_result_without_shared_tasks_does_not_wait_for_them():
+    wave = SpeculativeWave(lambda states, on_round_end: None, lambda states, needed: (torch.zeros(needed.shape), None))
+    wave.start({0: [Row(3, 1)]})
+    assert wave.result().old.shape == (1, 3)  # nobody posted tasks: the wave's thread must not wait
+    wave.close()
+
+
 def test_a_cancelled_wave_stops_between_rounds_and_close_releases_it():
     rounds, release = [], threading.Event()
 
@@ -84,7 +91,6 @@ def test_an_error_in_the_wave_reaches_the_caller():
 
     wave = SpeculativeWave(rollout, None)
     wave.start({0: [Row(3, 1)]})
-    wave.tasks.put_all([])
     with pytest.raises(RuntimeError, match="generator broke"):
         wave.result()
     wave.close()

@@ -25,11 +25,14 @@ rows, tool use, triggered groups, prefixes, and the generator's prefilled tokens
 reused a shared prefill; then the mean AXPO/GRPO step-time ratio (target <= 1.15), in wall time
 and in this process's CPU time (which other processes on a shared machine disturb far less).
 
-``--budget-matched`` adds GRPO with N·(1+r) rollouts per question (``grpo_bm``).
+AXPO runs with speculative resampling (the trainer's default: the wave starts once every
+original's first turn is done, on a second thread; `rl.speculative_resampling`);
+``--no-speculation`` measures the sequential wave instead. ``--budget-matched`` adds GRPO with
+N·(1+r) rollouts per question (``grpo_bm``).
 
 Usage: ``python tools/bench_step.py [--steps 3] [--budget-matched] [--sft-steps 0]
 [--max-new-tokens 96] [--scripted-calls 0.5] [--kl-coef 0.01] [--threads 1] [--device cpu]
-[--think-tokens 0] [--independent]``.
+[--think-tokens 0] [--independent] [--no-speculation] [--extra-prefixes N]``.
 """
 
 from __future__ import annotations
@@ -184,7 +187,13 @@ def _trainer(
         AdvantageConfig(),
         LossConfig(kl_coef=args.kl_coef),
         RLConfig(
-            algorithm=algorithm, steps=args.steps, lr=1e-4, micro_batch_size=args.micro_batch_size, seed=0
+            algorithm=algorithm,
+            steps=args.steps,
+            lr=1e-4,
+            micro_batch_size=args.micro_batch_size,
+            speculative_resampling=not args.no_speculation,
+            **({} if args.extra_prefixes is None else {"speculative_extra_prefixes": args.extra_prefixes}),
+            seed=0,
         ),
         loop,
         questions_per_step=args.b,
@@ -249,6 +258,17 @@ def main() -> None:
         action="store_true",
         help="let each algorithm train on from its own weights (default: every step starts from the same weights)",
     )
+    parser.add_argument(
+        "--no-speculation",
+        action="store_true",
+        help="AXPO without speculative resampling: the wave starts after the originals finish",
+    )
+    parser.add_argument(
+        "--extra-prefixes",
+        type=int,
+        default=None,
+        help="prefixes speculated beyond the budget (default: rl.speculative_extra_prefixes' default)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None, help="reuse a synthesized dataset folder")
     args = parser.parse_args()
@@ -284,10 +304,11 @@ def main() -> None:
     print(
         f"\nB={args.b} N={args.n} K={args.k} r={args.r} max_new_tokens={args.max_new_tokens} "
         f"threads={args.threads} think_tokens={args.think_tokens} device={args.device} "
-        f"weights={'independent' if args.independent else 'synced'}"
+        f"weights={'independent' if args.independent else 'synced'} "
+        f"speculation={'off' if args.no_speculation else 'on'}"
     )
     header = f"{'algorithm':<9} {'step':>4} {'step_s':>7} " + " ".join(f"{p:>10}" for p in PHASES)
-    header += f" {'rows':>5} {'tool_use':>8} {'triggered':>9} {'prefixes':>8}"
+    header += f" {'rows':>5} {'tool_use':>8} {'triggered':>9} {'prefixes':>8} {'speculated':>10} {'hits':>4}"
     print(header)
     for alg, steps in results.items():
         for m in steps:
@@ -295,7 +316,8 @@ def main() -> None:
                 f"{alg:<9} {int(m['step']):>4} {m['step_s']:>7.2f} "
                 + " ".join(f"{m[p]:>10.2f}" for p in PHASES)
                 + f" {int(m['rows']):>5} {m['tool_use_rate']:>8.2f} {int(m['triggered_groups']):>9}"
-                f" {int(m['prefixes_selected']):>8}"
+                f" {int(m['prefixes_selected']):>8} {int(m['speculated_prefixes']):>10}"
+                f" {int(m['speculation_hits']):>4}"
             )
     mean = {
         alg: {k: statistics.mean(m[k] for m in steps) for k in ("step_s", "step_cpu_s", *PHASES)}

@@ -62,10 +62,10 @@ class RLConfig(ValidatedConfig):
         "of thread timing; on a CPU it moves the wave onto the core single-threaded decoding leaves idle.",
     )
     speculative_extra_prefixes: int = setting(
-        1,
+        0,
         "Prefixes speculated beyond the budget M, the next in selection order: each covers a "
-        "guessed group that ends with a correct tool rollout (not triggered). More costs second-"
-        "thread work and discarded rollouts.",
+        "guessed group that ends with a correct tool rollout (not triggered). Costs second-"
+        "thread work and discarded rollouts; worth it once tool rollouts are often right.",
         ge=0,
     )
     seed: int = setting(0, "Seed of question order, sampling, selection and mini-batch shuffles.")

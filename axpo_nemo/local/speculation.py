@@ -111,7 +111,11 @@ class SpeculativeWave:
         self._future = self._pool.submit(work)
 
     def result(self) -> SpeculativeResult:
-        """Wait for the wave (re-raising its error) and return it; an empty result if none ran."""
+        """Wait for the wave (re-raising its error) and return it; an empty result if none ran.
+
+        Closes ``tasks`` first: the wave's thread ends once the tasks already shared are done.
+        """
+        self.tasks.put_all([])
         if self._future is None:
             return SpeculativeResult(self.forks, None, None)
         old, ref = self._future.result()
