@@ -264,7 +264,7 @@ def test_where_the_wave_cuts_the_early_work_changes_no_bit(base, questions, monk
     # The wave may end before, during or after the early micro-batches: same update either way.
     import threading
 
-    from axpo_nemo.local import rl
+    from axpo_nemo.local import resample_wave
 
     class Never(threading.Event):  # the wave "never ends": every early micro-batch runs early
         def is_set(self):
@@ -277,7 +277,7 @@ def test_where_the_wave_cuts_the_early_work_changes_no_bit(base, questions, monk
     kw = {"reward_fn": tools_fail_reward, "loss": LossConfig(kl_coef=0.05), "axpo": AXPOConfig(r=0.5, k=2)}
     runs = {}
     for name, event in (("never", Never), ("always", Always)):
-        monkeypatch.setattr(rl, "_wave_signal", event)
+        monkeypatch.setattr(resample_wave, "_wave_signal", event)
         trainer = make(base, questions, micro_batch_size=1, speculative_resampling=False, **kw)
         metrics = comparable(trainer.step())
         runs[name] = (metrics, trainer.last_early_micro_batches, [p.detach().clone() for p in trainer.model.parameters()])
@@ -344,7 +344,7 @@ def test_an_error_during_the_step_leaves_no_speculating_thread(base, questions):
 
 
 def test_early_gradients_are_dropped_when_their_advantages_changed(base, questions):
-    from axpo_nemo.local.rl import _EarlyUpdate
+    from axpo_nemo.local.resample_wave import EarlyUpdate
 
     trainer = make(base, questions, reward_fn=mixed_reward)
     trainer.step()
@@ -352,7 +352,7 @@ def test_early_gradients_are_dropped_when_their_advantages_changed(base, questio
     r0 = 4  # the originals: 2 questions x 2 rollouts
     for p in trainer.model.parameters():
         p.grad = torch.ones_like(p)
-    pre = _EarlyUpdate([0, 1], [], 1, adv.advantages[:r0].clone(), adv.loss_mask[:r0].clone(), {})
+    pre = EarlyUpdate([0, 1], [], 1, adv.advantages[:r0].clone(), adv.loss_mask[:r0].clone(), {})
     assert trainer._confirm_early(pre, adv, {0, 1, 2, 3}) is pre  # unchanged: kept
     assert all(p.grad is not None for p in trainer.model.parameters())
     changed = adv.advantages.clone()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from axpo_nemo.core.config import ValidatedConfig, setting
 
-__all__ = ["RLConfig"]
+__all__ = ["LOSS_METRIC_NAMES", "RLConfig"]
 
 
 @dataclass
@@ -69,3 +69,15 @@ class RLConfig(ValidatedConfig):
         ge=0,
     )
     seed: int = setting(0, "Seed of question order, sampling, selection and mini-batch shuffles.")
+
+
+#: Loss metrics `RLTrainer.step` reports (averaged over the step's optimizer steps).
+LOSS_METRIC_NAMES = (
+    "loss",
+    "pg_loss",
+    "kl_penalty",
+    "clip_fraction_low",
+    "clip_fraction_high",
+    "dual_clip_fraction",
+    "ratio_mean",
+)
