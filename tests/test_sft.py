@@ -188,3 +188,56 @@ def test_warmup_cosine_schedule():
     restored = WarmupCosineSchedule(opt, 0, 1)
     restored.load_state_dict(sched.state_dict())
     assert restored.apply() == pytest.approx(0.1)
+
+
+def test_copy_batches_repeat_a_span_and_are_a_function_of_seed_and_step():
+    from axpo_nemo.local.copy_warmup import copy_batch
+
+    x = copy_batch(100, 4, 5, 3, seed=1, step=7)
+    assert x.shape == (4, 13) and int(x.max()) < 100
+    assert torch.equal(x[:, :5], x[:, -5:])
+    assert torch.equal(x, copy_batch(100, 4, 5, 3, seed=1, step=7))
+    assert not torch.equal(x, copy_batch(100, 4, 5, 3, seed=1, step=8))
+
+
+def test_warmups_run_first_then_sft_on_full_prompts(base, data):
+    # copy warm-up steps, then short-context epochs (no tool schemas), then the SFT steps; a
+    # resume in the middle of a warm-up continues exactly
+    trainer = make(
+        copy.deepcopy(base), data, SmallZoom(), steps=2, copy_warmup_steps=2, copy_warmup_batch=4,
+        short_context_epochs=1, bucket_batches=1,
+    )  # fmt: skip
+    assert trainer.total_steps == 2 + 2 + 2  # 4 examples, batches of 2
+    short, full = trainer.short_examples, trainer.examples
+    assert [e.sample_id for e in short] == [e.sample_id for e in full]
+    for s, f in zip(short, full, strict=True):  # the same trajectory, minus the system part
+        assert len(s) < len(f) and s.state.token_ids[-20:] == f.state.token_ids[-20:]
+        assert "<tools>" not in ChatProtocol(base.processor).decode(s.state.token_ids)
+    trainer.train(3)
+    snapshot = copy.deepcopy(trainer.state_dict())
+    rest = trainer.train(3)
+    assert [m["warmup"] for m in rest] == [2.0, 0.0, 0.0] and trainer.done
+    resumed = make(
+        copy.deepcopy(base), data, SmallZoom(), steps=2, copy_warmup_steps=2, copy_warmup_batch=4,
+        short_context_epochs=1, bucket_batches=1,
+    )  # fmt: skip
+    resumed.load_state_dict(snapshot)
+    assert [m["loss"] for m in resumed.train(3)] == [m["loss"] for m in rest]
+
+
+def test_copy_warmup_teaches_a_fresh_model_to_copy(base):
+    # the reason for the warm-up: after it, the repeat of a random span is predictable
+    from axpo_nemo.local.copy_warmup import copy_batch, copy_loss
+
+    model = copy.deepcopy(base).model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    held_out = copy_batch(1000, 16, 12, 8, seed=99, step=0)
+    with torch.no_grad():
+        before = float(copy_loss(model, held_out, 12))
+    for step in range(150):
+        opt.zero_grad()
+        copy_loss(model, copy_batch(1000, 16, 12, 8, seed=0, step=step), 12).backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(copy_loss(model, held_out, 12))
+    assert before > 5.0 and after < 1.0, (before, after)

@@ -23,7 +23,15 @@ from axpo_nemo.agent.tools.registry import ToolsConfig, build_tools
 from axpo_nemo.agent.tools.search import SearchConfig, SearchTool
 from axpo_nemo.agent.tools.zoom import ImageZoomTool
 from axpo_nemo.data.schema import read_samples
-from axpo_nemo.data.synth import FAMILIES, PALETTE, FamilyWeights, SynthConfig, synthesize
+from axpo_nemo.data.synth import (
+    FAMILIES,
+    PALETTE,
+    RELATIONS,
+    SHARED_KEYS,
+    FamilyWeights,
+    SynthConfig,
+    synthesize,
+)
 from axpo_nemo.models import build_tiny_processor, build_tiny_tokenizer
 
 FILES = ("sft.jsonl", "rl.jsonl", "eval.jsonl", "corpus.jsonl", "manifest.json")
@@ -33,7 +41,7 @@ FILES = ("sft.jsonl", "rl.jsonl", "eval.jsonl", "corpus.jsonl", "manifest.json")
 def data(tmp_path_factory):
     """The default config's dataset, with its samples per split."""
     out = tmp_path_factory.mktemp("synth")
-    result = synthesize(SynthConfig(), out)
+    result = synthesize(SynthConfig(guess_fraction=0.2), out)
     samples = {split: list(read_samples(out / f"{split}.jsonl")) for split in ("sft", "rl", "eval")}
     return result, samples
 
@@ -44,7 +52,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path, data):
     result, _ = data
-    again = synthesize(SynthConfig(), tmp_path / "a")
+    again = synthesize(SynthConfig(guess_fraction=0.2), tmp_path / "a")
     assert _tree(result.out_dir) == _tree(tmp_path / "a")
     assert again.content_hash == result.content_hash
     other = synthesize(SynthConfig(seed=1), tmp_path / "b")
@@ -78,13 +86,15 @@ def test_counts_tool_fraction_and_manifest(data):
     assert abs(len(with_tools) / cfg.num_sft - cfg.tool_fraction) <= 0.02
     assert result.sft_tool_fraction == pytest.approx(len(with_tools) / cfg.num_sft)
     assert all(FAMILIES[s.category].tool for s in with_tools)
-    # RL and eval carry every family, tool families included
+    # RL and eval carry every family with a positive weight, tool families included
+    active = {f for f, w in cfg.weights.as_dict().items() if w > 0}
+    assert "zoom_digit" not in active  # off by default (docs/results.md)
     for split in ("rl", "eval"):
-        assert {s.category for s in samples[split]} == set(FAMILIES)
+        assert {s.category for s in samples[split]} == active
     manifest = json.loads(result.manifest_path.read_text())
     assert manifest["seed"] == 0 and manifest["content_hash"] == result.content_hash
     assert manifest["counts"] == result.counts and manifest["config"]["tool_fraction"] == 0.25
-    assert manifest["tools"] == ["image_zoom_in", "python", "search"]
+    assert manifest["tools"] == ["python", "search"]
     assert result.elapsed_s < 10
 
 
@@ -115,6 +125,14 @@ def test_tool_fraction_is_configurable(tmp_path):
         ),
         ({"weights": FamilyWeights(arith_small=0, color_mc=0)}, "no-tool family"),
         ({"weights": {"arith_small": -1}}, "arith_small"),
+        ({"tool_fraction": 0.6, "guess_fraction": 0.5}, "guess_fraction"),
+        (
+            {
+                "guess_fraction": 0.2,
+                "weights": FamilyWeights(python_multiply=0, python_area=0, search_fact=0),
+            },
+            "tool family",
+        ),
     ],
 )
 def test_bad_configs_are_refused(kwargs, match):
@@ -133,12 +151,16 @@ def test_samples_validate_and_their_images_exist(data):
             assert len(s.question.split()) < 30, s.question
             if s.answer_type == "multiple_choice":
                 assert s.answer in s.options and 2 <= len(s.options) <= 4
-                assert all(f"\n{k}. {v}" in s.question for k, v in s.options.items())
+                assert all(f"{k}. {v}\n" in s.question for k, v in s.options.items())
             for img in s.load_images(result.out_dir):
                 assert img.size == (cfg.image_size, cfg.image_size)
             assert bool(s.images) == (s.category in ("color_mc", "python_area", "zoom_digit"))
             if split == "sft":
-                assert [m["role"] for m in s.messages] == ["assistant"] * (2 if spec.tool else 1)
+                guess = bool(s.metadata.get("sft_guess"))
+                assert not guess or spec.tool
+                assert [m["role"] for m in s.messages] == ["assistant"] * (
+                    2 if spec.tool and not guess else 1
+                )
                 for m in s.messages:
                     thinking = parse_turn(m["content"]).thinking
                     assert thinking and len(thinking.split()) < 20
@@ -172,15 +194,19 @@ def test_eval_is_disjoint_from_training(data):
             h.update(np.asarray(Image.open(result.out_dir / rel).convert("RGB")).tobytes())
         return h.hexdigest()
 
-    assert not {content(s) for s in samples["eval"]} & {content(s) for s in train}
+    partitioned = [s for s in samples["eval"] if s.category not in SHARED_KEYS]
+    assert not {content(s) for s in partitioned} & {content(s) for s in train}
+    # the one-digit table is knowledge, not held out: eval and training draw from all of it
+    table = {s.question for split in samples.values() for s in split if s.category == "arith_small"}
+    assert len(table) > 0.4 * 155
+    train_sums = {s.question for s in train if s.category == "arith_small"}
+    assert {s.question for s in samples["eval"] if s.category == "arith_small"} & train_sums
 
     # and beyond exact duplicates: no held-out operand pair, country or (colour, size) is trained on
     def keys(rows, family, key):
         return {key(s) for s in rows if s.category == family}
 
     for family, key in [
-        ("arith_small", lambda s: s.question),
-        ("python_multiply", lambda s: tuple(sorted(s.metadata["operands"]))),
         ("search_fact", lambda s: s.metadata["entity"]),
         ("python_area", _color_and_size),
     ]:
@@ -188,19 +214,24 @@ def test_eval_is_disjoint_from_training(data):
         assert held and not held & keys(train, family, key), family
 
 
-def test_tool_questions_are_not_answerable_from_their_text(data):
+def test_tool_questions_hold_their_answer_only_as_one_of_several_options(data):
+    # without the tool a rollout can only guess (right 1/k of the time); with it, it can know
     _, samples = data
     rows = [s for split in samples.values() for s in split]
     for s in rows:
-        if s.category in ("python_multiply", "python_area", "search_fact"):
-            assert s.answer not in s.question and s.answer.lower() not in s.question.lower()
+        if FAMILIES[s.category].tool:
+            assert s.answer_type == "multiple_choice" and 2 <= len(s.options) <= 4
+            assert s.options[s.answer] == s.metadata["value"]
+            assert (
+                sum(s.metadata["value"] in v for v in s.options.values()) == 1
+            )  # no option contains another
     # multiple-choice answers are spread over the letters, not a fixed position
-    for family in ("zoom_digit", "color_mc"):
+    for family in ("python_multiply", "python_area", "search_fact", "color_mc"):
         letters = Counter(s.answer for s in rows if s.category == family)
         assert len(letters) >= 2 and max(letters.values()) < 0.75 * sum(letters.values()), (family, letters)
     # made-up facts: no fact's answer is guessable from the question's country name
     facts = [s for s in rows if s.category == "search_fact"]
-    assert len({s.answer for s in facts}) >= 0.9 * len(
+    assert len({s.metadata["value"] for s in facts}) >= 0.9 * len(
         {(s.metadata["entity"], s.metadata["relation"]) for s in facts}
     )
 
@@ -213,13 +244,13 @@ def test_answers_are_right_by_construction(data):
             assert int(s.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
         elif s.category == "python_multiply":
             a, b = s.metadata["operands"]
-            assert s.question == f"What is {a} * {b}?" and s.answer == str(a * b)
+            assert s.question.endswith(f"\nWhat is {a} * {b}?") and s.options[s.answer] == str(a * b)
         elif s.category in ("python_area", "color_mc"):
             pixels = np.asarray(s.load_images(result.out_dir)[0])
             color = s.metadata["color"]
             count = int((pixels == PALETTE[color]).all(-1).sum())
             if s.category == "python_area":
-                assert str(count) == s.answer
+                assert str(count) == s.options[s.answer]
             else:
                 assert count > 0.5 * pixels.shape[0] * pixels.shape[1] and s.options[s.answer] == color
         elif s.category == "zoom_digit":
@@ -241,7 +272,7 @@ def test_every_search_question_retrieves_its_fact_first(data):
     for s in (s for split in samples.values() for s in split if s.category == "search_fact"):
         out = tool(s.metadata["reference_call"]["arguments"], ToolContext())
         assert out.ok and out.metadata["ids"][0] == s.metadata["passage_id"]
-        assert s.answer in out.text.split("\n\n")[0]
+        assert s.metadata["value"] in out.text.split("\n\n")[0]
 
 
 @pytest.fixture(scope="module")
@@ -266,22 +297,101 @@ def test_sft_trajectories_replay_to_correct_answers(data, toolbox):
         if FAMILIES[s.category].tool or per_family[s.category] < 3:
             per_family[s.category] += 1
             subset.append(s)
-    assert set(per_family) == set(FAMILIES)
+    assert set(per_family) == {f for f, w in FamilyWeights().as_dict().items() if w > 0}
+    assert any(s.metadata.get("sft_guess") for s in subset)
     for s in subset:
         turns = [m["content"] for m in s.messages]
         state = replay(protocol, toolbox, s.question, s.load_images(result.out_dir), turns, loop)
         assert state.finish_reason == "answer", (s.id, state.finish_reason)
         assert len(state.turns) == len(turns)
         assert [c.error for c in state.tool_calls] == [None] * len(state.tool_calls), s.id
-        assert [c.name for c in state.tool_calls] == s.allowed_tools
-        if s.category in ("python_multiply", "python_area", "search_fact"):
-            assert s.answer in state.tool_calls[0].response_text, (s.id, state.tool_calls[0].response_text)
+        guess = bool(s.metadata.get("sft_guess"))
+        assert [c.name for c in state.tool_calls] == ([] if guess else s.allowed_tools)
+        if s.category in ("python_multiply", "python_area", "search_fact") and not guess:
+            assert s.metadata["value"] in state.tool_calls[0].response_text, (
+                s.id,
+                state.tool_calls[0].response_text,
+            )
         if s.category == "zoom_digit":
             assert len(state.images) == 2  # the question's image and the crop
         last = state.turns[-1]
         final_text = protocol.decode(state.token_ids[last.start : last.end])
         score = score_answer(final_text, s.answer, s.answer_type, s.candidates, s.options)
         assert score.correct, (s.id, final_text, s.answer)
+
+
+def _call_from_question(s) -> dict:
+    """The call a policy has to learn, derived from the question's text alone by a fixed rule."""
+    stem = s.question.split("\n")[-1]
+    if s.category == "python_multiply":
+        a, b = re.fullmatch(r"What is (\d+) \* (\d+)\?", stem).groups()
+        return {"name": "python", "arguments": {"code": f"print({a} * {b})"}}
+    if s.category == "python_area":
+        color = re.fullmatch(r"How many pixels does the (\w+) rectangle cover\?", stem).group(1)
+        rgb = ",".join(map(str, PALETTE[color]))  # a six-way choice
+        return {"name": "python", "arguments": {"code": f"print((np.array(image)==({rgb})).all(2).sum())"}}
+    for relation, spec in RELATIONS.items():  # a four-way choice, plus the country's name copied
+        m = re.fullmatch(re.escape(spec["question"]).replace(re.escape("{e}"), "(\\w+)"), stem)
+        if m:
+            return {"name": "search", "arguments": {"query": f"{m.group(1)} {relation}"}}
+    raise AssertionError(stem)
+
+
+def _wrong_calls(s, call: dict) -> list[dict]:
+    """Calls one choice away from the right one: an operand off by one, another colour or relation."""
+    if s.category == "python_multiply":
+        a, b = s.metadata["operands"]
+        return [
+            {"name": "python", "arguments": {"code": f"print({x} * {y})"}}
+            for x, y in ((a + 1, b), (a, b - 1))
+        ]
+    if s.category == "python_area":
+        return [
+            {
+                "name": "python",
+                "arguments": {"code": f"print((np.array(image)==({','.join(map(str, rgb))})).all(2).sum())"},
+            }
+            for name, rgb in PALETTE.items()
+            if name != s.metadata["color"]
+        ][:2]
+    entity = s.metadata["entity"]
+    return [
+        {"name": "search", "arguments": {"query": f"{entity} {r}"}}
+        for r in RELATIONS
+        if r != s.metadata["relation"]
+    ][:2]
+
+
+def _copied_answer_scores(s, call: dict, toolbox, ctx) -> bool:
+    """Run ``call``; does copying what it shows (the printed number, the named value) score?"""
+    out = toolbox[call["name"]](call["arguments"], ctx)
+    assert out.ok, out.text
+    shown = out.text.split("\n\n")[0].rstrip(".").split()[-1]
+    return score_answer(f"\\boxed{{{shown}}}", s.answer, s.answer_type, s.candidates, s.options).correct
+
+
+def test_each_tool_family_has_a_learnable_right_call_and_a_wrong_call_shows_no_answer(data, toolbox):
+    # The regime AXPO targets: a call's correctness is a small choice a policy can learn (copy
+    # the operands, the colour's triple, the relation), the right call shows the answer, which the
+    # policy then copies, and a call one choice off shows nothing that scores.
+    result, samples = data
+    per_family: dict[str, int] = Counter()
+    for s in samples["rl"]:
+        if not FAMILIES[s.category].tool or per_family[s.category] >= 4:
+            continue
+        per_family[s.category] += 1
+        call = _call_from_question(s)
+        assert call == s.metadata["reference_call"], s.id
+        ctx = ToolContext(s.load_images(result.out_dir))
+        assert _copied_answer_scores(s, call, toolbox, ctx), s.id
+        for wrong in _wrong_calls(s, call):
+            assert not _copied_answer_scores(s, wrong, toolbox, ctx), (s.id, wrong)
+        guess = [
+            score_answer(f"\\boxed{{{k}}}", s.answer, s.answer_type, s.candidates, s.options).correct
+            for k in s.options
+        ]
+        assert sum(guess) == 1  # a blind guess is right 1/k of the time
+    assert set(per_family) == {"python_multiply", "python_area", "search_fact"}
 
 
 def test_the_pipeline_reads_a_shard_folder_like_its_jsonl(tmp_path):
@@ -298,6 +408,7 @@ def test_the_pipeline_reads_a_shard_folder_like_its_jsonl(tmp_path):
     pipeline = Pipeline(cfg)
     from_jsonl, from_shards = pipeline._samples("rl.jsonl"), pipeline._samples("rl_shards")
     assert [s.id for s in from_shards] == [s.id for s in from_jsonl] and len(from_jsonl) == 6
-    a = from_jsonl[0].load_images(src)
-    b = from_shards[0].load_images(src / "rl_shards")
+    first = next(i for i, s in enumerate(from_jsonl) if s.images)
+    a = from_jsonl[first].load_images(src)
+    b = from_shards[first].load_images(src / "rl_shards")
     assert [im.size for im in a] == [im.size for im in b] and a[0].tobytes() == b[0].tobytes()

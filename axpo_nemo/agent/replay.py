@@ -55,6 +55,8 @@ def replay(
     images: Sequence[Image.Image],
     turns: Sequence[str],
     cfg: AgentLoopConfig,
+    *,
+    declare_tools: bool = True,
     **state_kwargs: Any,
 ) -> TrajectoryState:
     """The trajectory of ``question`` whose assistant turns are exactly ``turns``.
@@ -62,8 +64,10 @@ def replay(
     Each turn is the text generated after the generation prompt (``<think>\\n``): thinking, then a
     tool call or the final answer. Tool calls run for real. ``cfg`` bounds turns and tokens like
     training does; ``state_kwargs`` go to `TrajectoryState.from_prompt` (group, seed, metadata…).
+    With ``declare_tools`` False the prompt has no system part (no tool schemas); the calls still
+    run, so observations are unchanged.
     """
-    prompt = protocol.build_prompt(question, list(images), list(tools.values()))
+    prompt = protocol.build_prompt(question, list(images), list(tools.values()) if declare_tools else [])
     metadata = {**state_kwargs.pop("metadata", {}), SCRIPT_KEY: list(turns)}
     state = TrajectoryState.from_prompt(prompt, metadata=metadata, **state_kwargs)
     run_rollouts([state], ScriptedGenerator(protocol), tools, cfg, protocol=protocol)

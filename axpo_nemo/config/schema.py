@@ -31,6 +31,12 @@ class TinyModelConfig:
     num_kv_heads: int = setting(2, "Key/value heads (grouped-query attention); must divide num_heads.", ge=1)
     head_dim: int = setting(32, "Per-head size; even, at least 8 (M-RoPE splits it three ways).", ge=8)
     intermediate_size: int = setting(256, "MLP inner size.", ge=8)
+    rope_theta: float = setting(
+        5_000_000.0,
+        "Rotary base. Qwen3-VL's 5e6 leaves a head_dim-32 model few fast-turning frequencies; "
+        "a small base lets a tiny model tell nearby positions apart (copying operands).",
+        gt=1.0,
+    )
     vision_depth: int = setting(2, "Vision transformer blocks.", ge=1)
     vision_hidden_size: int = setting(64, "Vision transformer hidden size.", ge=8)
     vision_num_heads: int = setting(4, "Vision attention heads; must divide vision_hidden_size.", ge=1)

@@ -1,32 +1,35 @@
 """The synthetic multimodal tool task (``axpo data synth``): a small, deterministic dataset on
 which a tiny Qwen3-VL can show what AXPO is about (tool use and accuracy over RL) in minutes.
 
-Six question families, two answerable without tools and four that need one:
+Six question families, two answerable without tools and four that need one. The tool
+families are multiple choice (2-4 options): without the tool a rollout can only guess, right
+1/k of the time; with it, a right call shows the answer, which the policy copies:
 
-========================  ===============  =================  ==================================
-family                    tool             answer type        why
-========================  ===============  =================  ==================================
-``arith_small``           none             math               "What is 3 + 4?": learnable directly
-``color_mc``              none             multiple_choice    dominant colour, 2-4 options:
-                                                              learnable, and guessable (1/k)
-``python_multiply``       python           math               "What is 37 * 41?": out of reach of
-                                                              a tiny model; ``print(37 * 41)``
-                                                              prints the answer
-``python_area``           python           math               pixels of the red rectangle: exact
-                                                              count only by code over ``image``
-``search_fact``           search           short_answer       made-up facts ("capital of
-                                                              Zorblat"): only the corpus knows;
-                                                              the top passage states the answer
-``zoom_digit``            image_zoom_in    multiple_choice    a 3x5-pixel digit in a white box:
-                                                              unreadable at 128 px, readable in
-                                                              the crop
-========================  ===============  =================  ==================================
+========================  ===============  ==============================================
+family                    tool             the right call (a small choice) / why
+========================  ===============  ==============================================
+``arith_small``           none             "What is 3 + 4?": the one-digit table, not
+                                           held out (``SHARED_KEYS``: it is knowledge)
+``color_mc``              none             dominant colour, 2-4 options: learnable,
+                                           guessable (1/k)
+``python_multiply``       python           ``print(a * b)``: both operands copied from
+                                           the question; one digit off prints a number
+                                           in no option
+``python_area``           python           count the named colour's exact RGB triple over
+                                           ``image`` (a 6-way choice)
+``search_fact``           search           query ``"<country> <relation>"`` (the name
+                                           copied, the relation a 4-way choice); another
+                                           relation retrieves another fact
+``zoom_digit``            image_zoom_in    a 3x5-pixel digit, readable only in the crop;
+                                           off by default (reading pixels is beyond a
+                                           tiny vision tower trained for minutes)
+========================  ===============  ==============================================
 
-Tool calls are high-variance by design: an answer is copyable from the observation only when
-the call is exactly right (the operands copied into the code, the colour's RGB triple, the
-entity's name in the query, a box around the label), and a wrong or malformed call yields
-nothing useful, so early on a group's tool-using rollouts are often all wrong, while guessing
-rollouts sometimes win the multiple-choice questions: the situation AXPO's resampling targets.
+SFT trajectories answer a tool question with a call then the copied value (``tool_fraction``)
+or, as right guesses a correctness-filtered distilled set would keep, directly with the letter
+(``guess_fraction``), so the SFT policy uses the tool on only part of the tool questions. Early in
+RL a group's tool rollouts are then often all wrong while guesses sometimes win: the situation
+AXPO's resampling targets (docs/results.md).
 
 Everything derives from ``SynthConfig.seed`` through string-seeded `random.Random` streams, so
 the same config gives byte-identical files. Held-out questions are disjoint from the training
@@ -76,6 +79,10 @@ SOURCE = "synth"
 MANIFEST_VERSION = 1
 # One key in EVAL_MODULUS (by a fixed hash) is held out for eval.
 EVAL_MODULUS = 5
+#: Families whose keys are not partitioned: the one-digit table is knowledge the model is meant to
+#: have, so eval asks the same sums (holding out a fifth of its 155 entries asked for sums SFT never
+#: taught, which a 2-layer model cannot infer: arith_small was right 4-8 % of the time).
+SHARED_KEYS = frozenset({"arith_small"})
 MAX_DRAWS = 5000  # rejection-sampling attempts per question before giving up
 DEDUP_DRAWS = 64  # attempts at an unused key before a repeat is accepted
 
@@ -226,8 +233,24 @@ def _mc(rng: random.Random, correct: str, others: list[str], cfg: SynthConfig) -
 
 
 def _with_options(question: str, options: dict[str, str]) -> str:
-    """The question followed by one ``X. text`` line per option."""
-    return question + "".join(f"\n{k}. {v}" for k, v in options.items())
+    """One ``X. text`` line per option, then the question.
+
+    The question comes last so that what a policy copies from it (operands, a colour, a country)
+    sits right before its answer at a fixed distance, as in ``arith_small``; after 2-4 option
+    lines full of digits, a 2-layer model copied operands at p ~ 0.1 per digit.
+    """
+    return "".join(f"{k}. {v}\n" for k, v in options.items()) + question
+
+
+def _number_distractors(rng: random.Random, value: int, n: int = 6) -> list[str]:
+    """``n`` distinct numbers other than ``value``, within a factor of two of it (same magnitude)."""
+    lo, hi = max(1, value // 2), max(value * 2, value + 2 * n)
+    out: set[int] = set()
+    while len(out) < n:
+        x = rng.randint(lo, hi)
+        if x != value:
+            out.add(x)
+    return [str(x) for x in sorted(out)]
 
 
 def _clutter(
@@ -294,13 +317,18 @@ def _python_multiply(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _It
     """The product of two two-digit numbers; ``print(a * b)`` prints the answer."""
     a, b = rng.randint(cfg.multiply_min, cfg.multiply_max), rng.randint(cfg.multiply_min, cfg.multiply_max)
     product = a * b
+    options, letter = _mc(rng, str(product), _number_distractors(rng, product), cfg)
     return _Item(
         key=(min(a, b), max(a, b)),  # a * b and b * a are the same question
-        question=f"What is {a} * {b}?",
-        answer=str(product),
-        thinking=[f"{a} * {b} is hard to do in my head. I will use python.", f"Python printed {product}."],
+        question=_with_options(f"What is {a} * {b}?", options),
+        answer=letter,
+        thinking=[
+            f"{a} * {b} is hard to do in my head. I will use python.",
+            "I copy the number python printed.",
+        ],
         tool_call=("python", {"code": f"print({a} * {b})"}),
-        metadata={"operands": [a, b]},
+        options=options,
+        metadata={"operands": [a, b], "value": str(product)},
     )
 
 
@@ -324,17 +352,16 @@ def _python_area(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
         return img
 
     rgb = ",".join(str(c) for c in PALETTE[color])
+    options, letter = _mc(rng, str(area), _number_distractors(rng, area), cfg)
     return _Item(
         key=(color, w, h),
-        question=f"How many pixels does the {color} rectangle cover?",
-        answer=str(area),
-        thinking=[
-            f"Python can count the {color} pixels.",
-            f"Python counted {area} {color} pixels.",
-        ],
+        question=_with_options(f"How many pixels does the {color} rectangle cover?", options),
+        answer=letter,
+        thinking=[f"Python can count the {color} pixels.", "I copy the number python printed."],
         tool_call=("python", {"code": f"print((np.array(image)==({rgb})).all(2).sum())"}),
         render=render,
-        metadata={"color": color, "rect_px": [x, y, x + w, y + h]},
+        options=options,
+        metadata={"color": color, "rect_px": [x, y, x + w, y + h], "value": str(area)},
     )
 
 
@@ -343,14 +370,24 @@ def _search_fact(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
     entity, relation = ctx.pick_fact(rng)
     value = ctx.facts[entity][relation]
     spec = RELATIONS[relation]
+    others = sorted({v for facts in ctx.facts.values() for v in facts.values()} - {value})
+    options, letter = _mc(rng, value, rng.sample(others, min(8, len(others))), cfg)
     return _Item(
         key=(entity, relation),
-        question=spec["question"].format(e=entity),
-        answer=value,
-        thinking=[f"I do not know about {entity}. I will search for it.", f"The first result says {value}."],
+        question=_with_options(spec["question"].format(e=entity), options),
+        answer=letter,
+        thinking=[
+            f"I do not know the {relation} of {entity}. I will search for it.",
+            "I copy the name the first result gives.",
+        ],
         tool_call=("search", {"query": f"{entity} {relation}"}),
-        candidates=[c.format(v=value) for c in spec["candidates"]],
-        metadata={"entity": entity, "relation": relation, "passage_id": ctx.passage_id(entity, relation)},
+        options=options,
+        metadata={
+            "entity": entity,
+            "relation": relation,
+            "value": value,
+            "passage_id": ctx.passage_id(entity, relation),
+        },
     )
 
 
@@ -494,10 +531,14 @@ def _draw(family: str, split: str, index: int, cfg: SynthConfig, ctx: _Context, 
     for attempt in range(MAX_DRAWS):
         item = _GENERATORS[family](rng, cfg, ctx)
         # search_fact partitions by country (ctx.pick_fact), the others by key hash
-        in_eval = _held_out(family, item.key[0] if family == "search_fact" else item.key)
+        in_eval = (
+            want_eval
+            if family in SHARED_KEYS
+            else _held_out(family, item.key[0] if family == "search_fact" else item.key)
+        )
         if in_eval != want_eval:
             continue
-        if (family, item.key) not in used:
+        if (family, item.key) not in used or (want_eval and family in SHARED_KEYS):
             return item
         fallback = fallback or item
         if attempt >= DEDUP_DRAWS:
@@ -510,28 +551,43 @@ def _draw(family: str, split: str, index: int, cfg: SynthConfig, ctx: _Context, 
     )
 
 
-def _sft_turns(item: _Item) -> list[str]:
-    """The worked assistant turns: a tool call then the answer, or the answer directly."""
+#: The thinking of an SFT trajectory that answers a tool question without the tool. It starts like
+#: the tool trajectories' ("I will ..."), so the choice to act is a few tokens of the prefix.
+GUESS_THINKING = "I will answer without a tool."
+
+
+def _sft_turns(item: _Item, guess: bool = False) -> list[str]:
+    """The worked assistant turns: a tool call then the answer, or the answer directly.
+
+    After a tool call the answer is the number or name the tool printed, copied (the verifier
+    maps an option's text to its letter); a ``guess`` answers a tool question's letter directly.
+    """
+    if guess:
+        return [format_assistant_turn(GUESS_THINKING, answer=item.answer)]
     if item.tool_call is None:
         return [format_assistant_turn(item.thinking[0], answer=item.answer)]
     return [
         format_assistant_turn(item.thinking[0], tool_calls=[item.tool_call]),
-        format_assistant_turn(item.thinking[1], answer=item.answer),
+        format_assistant_turn(item.thinking[1], answer=item.metadata.get("value", item.answer)),
     ]
 
 
-def _family_counts(cfg: SynthConfig) -> dict[str, dict[str, int]]:
-    """Split → family → count: SFT honours ``tool_fraction``; RL and eval follow the weights."""
+def _family_counts(cfg: SynthConfig) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """(split → family → count, family → SFT guesses): SFT honours ``tool_fraction`` and
+    ``guess_fraction``; RL and eval follow the weights."""
     weights = cfg.weights.as_dict()
     tool_w = {k: w for k, w in weights.items() if FAMILIES[k].tool}
     plain_w = {k: w for k, w in weights.items() if not FAMILIES[k].tool}
     n_tool = round(cfg.tool_fraction * cfg.num_sft)
-    sft = {**_allocate(n_tool, tool_w), **_allocate(cfg.num_sft - n_tool, plain_w)}
-    return {
-        "sft": {k: sft[k] for k in FAMILIES},
+    n_guess = round(cfg.guess_fraction * cfg.num_sft)
+    calls, guesses = _allocate(n_tool, tool_w), _allocate(n_guess, tool_w)
+    sft = {**calls, **_allocate(cfg.num_sft - n_tool - n_guess, plain_w)}
+    counts = {
+        "sft": {k: sft[k] + guesses.get(k, 0) for k in FAMILIES},
         "rl": _allocate(cfg.num_rl, weights),
         "eval": _allocate(cfg.num_eval, weights),
     }
+    return counts, {k: guesses.get(k, 0) for k in FAMILIES}
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
@@ -555,7 +611,7 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path) -> SynthResult:
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    counts = _family_counts(cfg)
+    counts, guesses = _family_counts(cfg)
     search_q = {
         "train": counts["sft"]["search_fact"] + counts["rl"]["search_fact"],
         "eval": counts["eval"]["search_fact"],
@@ -567,10 +623,11 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path) -> SynthResult:
     image_names: list[str] = []
     for split in SPLITS:
         ctx.split = split
-        order = [f for f in FAMILIES for _ in range(counts[split][f])]
+        # (family, answered without the tool): the first guesses[f] SFT rows of a tool family guess
+        order = [(f, split == "sft" and j < guesses[f]) for f in FAMILIES for j in range(counts[split][f])]
         _rng(cfg.seed, split, "order").shuffle(order)
         rows = []
-        for i, family in enumerate(order):
+        for i, (family, guess) in enumerate(order):
             item = _draw(family, split, i, cfg, ctx, used)
             used.add((family, item.key))
             spec = FAMILIES[family]
@@ -583,6 +640,8 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path) -> SynthResult:
             metadata = {"family": family, **item.metadata}
             if item.tool_call is not None:
                 metadata["reference_call"] = {"name": item.tool_call[0], "arguments": item.tool_call[1]}
+            if guess:
+                metadata["sft_guess"] = True
             rows.append(
                 Sample(
                     id=f"synth-{split}-{i:05d}",
@@ -595,7 +654,7 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path) -> SynthResult:
                     allowed_tools=[spec.tool] if spec.tool else [],
                     source=SOURCE,
                     category=family,
-                    messages=[{"role": "assistant", "content": t} for t in _sft_turns(item)]
+                    messages=[{"role": "assistant", "content": t} for t in _sft_turns(item, guess)]
                     if split == "sft"
                     else [],
                     metadata=metadata,
@@ -626,7 +685,7 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path) -> SynthResult:
         digest.update((out / rel).read_bytes())
     content_hash = digest.hexdigest()
     n_sft = len(samples["sft"])
-    tool_frac = sum(1 for s in samples["sft"] if s.allowed_tools) / n_sft if n_sft else 0.0
+    tool_frac = sum(1 for s in samples["sft"] if len(s.messages) > 1) / n_sft if n_sft else 0.0
     enabled = {f for split in counts.values() for f, n in split.items() if n}
     manifest = {
         "version": MANIFEST_VERSION,
@@ -635,6 +694,7 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path) -> SynthResult:
         "config": asdict(cfg),
         "files": {s: f"{s}.jsonl" for s in SPLITS} | {"corpus": "corpus.jsonl", "images": "images"},
         "counts": counts,
+        "sft_guesses": guesses,
         "totals": {s: len(samples[s]) for s in SPLITS},
         "families": {
             name: {"tool": spec.tool, "answer_type": spec.answer_type, "description": spec.description}

@@ -27,9 +27,15 @@ FAMILIES: dict[str, FamilySpec] = {
     for spec in (
         FamilySpec("arith_small", None, "math", "one-digit addition or subtraction"),
         FamilySpec("color_mc", None, "multiple_choice", "the image's dominant colour, 2-4 options"),
-        FamilySpec("python_multiply", "python", "math", "product of two two-digit numbers"),
-        FamilySpec("python_area", "python", "math", "pixel area of a coloured rectangle"),
-        FamilySpec("search_fact", "search", "short_answer", "a made-up fact about a made-up country"),
+        FamilySpec(
+            "python_multiply", "python", "multiple_choice", "product of two two-digit numbers, 2-4 options"
+        ),
+        FamilySpec(
+            "python_area", "python", "multiple_choice", "pixel area of a coloured rectangle, 2-4 options"
+        ),
+        FamilySpec(
+            "search_fact", "search", "multiple_choice", "a made-up fact about a made-up country, 2-4 options"
+        ),
         FamilySpec("zoom_digit", "image_zoom_in", "multiple_choice", "a tiny digit in a white box"),
     )
 }
@@ -44,20 +50,27 @@ class FamilyWeights(ValidatedConfig):
         1.0, "No tool: the image's dominant colour as multiple choice (2-4 options).", ge=0.0
     )
     python_multiply: float = setting(
-        1.0, "python: product of two two-digit numbers; print(a * b) gives the answer.", ge=0.0
+        1.0,
+        "python: the product of two two-digit numbers among 2-4 options; print(a * b) prints it.",
+        ge=0.0,
     )
     python_area: float = setting(
         0.75,
-        "python: pixels covered by a coloured rectangle, counted by code over `image`.",
+        "python: the pixels covered by a coloured rectangle among 2-4 options, counted by code "
+        "over `image` (the colour's exact RGB triple is the call's choice).",
         ge=0.0,
     )
     search_fact: float = setting(
-        1.0, "search: a made-up fact ('capital of Zorblat') stated by the corpus's top passage.", ge=0.0
+        1.0,
+        "search: a made-up fact ('capital of Zorblat') among 2-4 options, stated by the top "
+        "passage for the query '<country> <relation>'.",
+        ge=0.0,
     )
     zoom_digit: float = setting(
-        0.5,
-        "image_zoom_in: a tiny digit in a white box, readable only in a crop (multiple choice; "
-        "keep it a minority: the tiny model reads pixels poorly).",
+        0.0,
+        "image_zoom_in: a tiny digit in a white box, readable only in a crop (multiple choice). Off "
+        "by default: the answer must be read from the crop's pixels, which a tiny vision tower "
+        "trained for minutes does not learn; for larger models.",
         ge=0.0,
     )
 
@@ -76,8 +89,17 @@ class SynthConfig(ValidatedConfig):
     num_eval: int = setting(32, "Held-out evaluation questions (eval.jsonl), disjoint from sft/rl.", ge=0)
     tool_fraction: float = setting(
         0.25,
-        "Share of SFT trajectories that call a tool (tool families); the rest are no-tool families. "
+        "Share of SFT trajectories that call a tool (tool families); the rest answer directly. "
         "RL and eval questions follow the family weights alone.",
+        ge=0.0,
+        le=1.0,
+    )
+    guess_fraction: float = setting(
+        0.0,
+        "Share of SFT trajectories that answer a tool family's multiple-choice question directly, "
+        "without the tool: right guesses, as a correctness-filtered distilled SFT set keeps them. "
+        "They teach the policy that acting is optional, so RL starts with tool use on only part "
+        "of the tool questions (tool_fraction + guess_fraction <= 1; the rest are no-tool families).",
         ge=0.0,
         le=1.0,
     )
@@ -117,7 +139,13 @@ class SynthConfig(ValidatedConfig):
             errors.append(
                 "tool_fraction > 0 needs a tool family with a positive weight (weights.python_*, ...)"
             )
-        if self.num_sft and self.tool_fraction < 1 and plain_w <= 0:
+        if self.tool_fraction + self.guess_fraction > 1:
+            errors.append(
+                f"tool_fraction + guess_fraction ({self.tool_fraction} + {self.guess_fraction}) must be <= 1"
+            )
+        if self.num_sft and self.guess_fraction > 0 and tool_w <= 0:
+            errors.append("guess_fraction > 0 needs a tool family with a positive weight")
+        if self.num_sft and self.tool_fraction + self.guess_fraction < 1 and plain_w <= 0:
             errors.append(
                 "tool_fraction < 1 needs a no-tool family with a positive weight "
                 "(weights.arith_small, weights.color_mc), or set tool_fraction: 1"

@@ -7,6 +7,11 @@ only (``state.generated``): prompt and tool-observation tokens never carry loss.
 averaged over the whole optimizer batch (gradient accumulation over micro-batches gives exactly
 the full-batch gradient).
 
+Before that, two optional warm-ups for a model built from scratch (`SFTConfig`): copy warm-up
+steps (`copy_warmup`: random-token sequences that repeat a span, which grow the induction heads
+a pretrained checkpoint has) and short-context epochs (the same examples with the tool schemas
+left out of the prompt). Both are pure functions of the step count. Then SFT on the full prompts.
+
 Data order is a pure function of ``(seed, epoch)``; with ``bucket_by_length`` each window of
 ``batch_size · bucket_batches`` shuffled examples is sorted by length and cut into batches, whose
 order is then shuffled, so batches hold similar lengths (little padding) without a fixed order.
@@ -34,6 +39,7 @@ from axpo_nemo.agent.replay import replay
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState
 from axpo_nemo.data.schema import Sample
+from axpo_nemo.local.copy_warmup import copy_batch, copy_loss
 from axpo_nemo.local.optim import (
     WarmupCosineSchedule,
     build_adamw,
@@ -107,8 +113,12 @@ def tokenize_samples(
     protocol: ChatProtocol,
     loop_cfg: AgentLoopConfig,
     max_tokens: int,
+    *,
+    declare_tools: bool = True,
 ) -> tuple[list[SFTExample], Counter, list[tuple[str, str]]]:
     """Replay every sample; returns (examples, skip counts by reason, (sample id, reason) list).
+
+    ``declare_tools`` False leaves the tool schemas (the system part) out of the prompts.
 
     A sample is skipped when it has no assistant turn (``no_turns``), its replay raises
     (``replay_error``), the replay does not end with a boxed answer (``no_answer``; e.g. the turn
@@ -127,8 +137,9 @@ def tokenize_samples(
                     n: t for n, t in tools.items() if not sample.allowed_tools or n in sample.allowed_tools
                 }
                 state = replay(
-                    protocol, enabled, sample.question, images, turns, loop_cfg, question_id=sample.id
-                )
+                    protocol, enabled, sample.question, images, turns, loop_cfg,
+                    declare_tools=declare_tools, question_id=sample.id,
+                )  # fmt: skip
             except Exception as exc:
                 logger.warning("SFT sample %s: replay failed (%s: %s)", sample.id, type(exc).__name__, exc)
                 reason = "replay_error"
@@ -211,7 +222,16 @@ class SFTTrainer(ResumableTrainer):
         self.lengths = [len(e) for e in self.examples]
         self.fingerprint = dataset_fingerprint(f"{e.sample_id}:{len(e)}" for e in self.examples)
         self.batches_per_epoch = math.ceil(len(self.examples) / cfg.batch_size)
-        self.total_steps = cfg.steps or cfg.epochs * self.batches_per_epoch
+        self.short_examples: list[SFTExample] = []
+        if cfg.short_context_epochs:
+            self.short_examples, _, _ = tokenize_samples(
+                samples, data_root, tools, protocol, loop_cfg, cfg.max_tokens, declare_tools=False
+            )
+        self.short_batches_per_epoch = math.ceil(len(self.short_examples) / cfg.batch_size)
+        #: the step at which SFT on full prompts starts (after the copy and short-context warm-ups)
+        self.warmup_steps = cfg.copy_warmup_steps + cfg.short_context_epochs * self.short_batches_per_epoch
+        self.vocab_limit = min(bundle.tokenizer.all_special_ids or [len(bundle.tokenizer)])
+        self.total_steps = self.warmup_steps + (cfg.steps or cfg.epochs * self.batches_per_epoch)
         self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay)
         self.scheduler = WarmupCosineSchedule(
             self.optimizer, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio
@@ -231,6 +251,30 @@ class SFTTrainer(ResumableTrainer):
                 self.lengths, self.cfg.batch_size, self.cfg.seed, self.epoch, bucket
             )
         return self._batches
+
+    def _warmup_batch(self) -> list[SFTExample] | None:
+        """The short-context examples of this step, or None past the short-context epochs."""
+        k = self.step_count - self.cfg.copy_warmup_steps
+        if k >= self.warmup_steps - self.cfg.copy_warmup_steps:
+            return None
+        epoch, position = divmod(k, self.short_batches_per_epoch)
+        lengths = [len(e) for e in self.short_examples]
+        bucket = self.cfg.bucket_batches if self.cfg.bucket_by_length else None
+        # other epoch numbers than the main phase's, so the two orders differ
+        batch = epoch_batches(lengths, self.cfg.batch_size, self.cfg.seed, 1_000_000 + epoch, bucket)[
+            position
+        ]
+        return [self.short_examples[i] for i in batch]
+
+    def _copy_step(self) -> float:
+        """One copy warm-up step's loss and backward (the caller steps the optimizer)."""
+        span = 24
+        tokens = copy_batch(
+            self.vocab_limit, self.cfg.copy_warmup_batch, span, 16, self.cfg.seed, self.step_count
+        )
+        loss = copy_loss(self.model, tokens, span)
+        loss.backward()
+        return float(loss.detach())
 
     def next_batch(self) -> list[int]:
         """The next batch's example indices (advances the data position, rolling over epochs)."""
@@ -252,15 +296,41 @@ class SFTTrainer(ResumableTrainer):
 
         Metrics: ``loss`` (mean NLL per assistant token of the batch), ``tokens`` (loss tokens),
         ``sequences``, ``lr``, ``grad_norm``, ``skipped_update`` (1 when a non-finite gradient
-        norm dropped the update), ``epoch``, ``step`` (1-based) and ``step_s``.
+        norm dropped the update), ``epoch``, ``step`` (1-based), ``step_s`` and ``warmup`` (1:
+        a copy warm-up step, 2: a short-context step, 0: SFT on full prompts).
         """
         t0 = time.perf_counter()
-        rows = self.next_batch()
-        seqs = [self.examples[i] for i in rows]
-        masks = [e.loss_mask for e in seqs]
-        num_tokens = float(sum(int(m.sum()) for m in masks))
         lr = self.scheduler.apply()
         self.model.zero_grad(set_to_none=True)
+        if self.step_count < self.cfg.copy_warmup_steps:
+            warmup, seqs, total, num_tokens = 1.0, [], self._copy_step(), 0.0
+        else:
+            seqs = self._warmup_batch()
+            warmup = 2.0 if seqs is not None else 0.0
+            if seqs is None:
+                seqs = [self.examples[i] for i in self.next_batch()]
+            total, num_tokens = self._sft_backward(seqs)
+        grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.cfg.grad_clip)
+        self.scheduler.step()
+        self.skipped_updates += int(not stepped)
+        self.step_count += 1
+        return {
+            "step": float(self.step_count),
+            "epoch": float(self.epoch),
+            "loss": total,
+            "tokens": num_tokens,
+            "sequences": float(len(seqs)),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped_update": float(not stepped),
+            "warmup": warmup,
+            "step_s": time.perf_counter() - t0,
+        }
+
+    def _sft_backward(self, seqs: list[SFTExample]) -> tuple[float, float]:
+        """Backward of the batch's mean NLL per assistant token; returns (loss, loss tokens)."""
+        masks = [e.loss_mask for e in seqs]
+        num_tokens = float(sum(int(m.sum()) for m in masks))
         total = 0.0
         for chunk in iter_logprobs(
             self.model,
@@ -278,21 +348,7 @@ class SFTTrainer(ResumableTrainer):
             loss = -(chunk.logprobs * mask).sum() / max(num_tokens, 1.0)
             loss.backward()
             total += float(loss.detach())
-        grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.cfg.grad_clip)
-        self.scheduler.step()
-        self.skipped_updates += int(not stepped)
-        self.step_count += 1
-        return {
-            "step": float(self.step_count),
-            "epoch": float(self.epoch),
-            "loss": total,
-            "tokens": num_tokens,
-            "sequences": float(len(rows)),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "skipped_update": float(not stepped),
-            "step_s": time.perf_counter() - t0,
-        }
+        return total, num_tokens
 
     def train(
         self, steps: int | None = None, log: Callable[[dict[str, float]], None] | None = None

@@ -15,7 +15,9 @@ __all__ = ["SFTConfig"]
 class SFTConfig(ValidatedConfig):
     """Settings of supervised fine-tuning."""
 
-    steps: int = setting(0, "Optimizer steps; 0 means `epochs` passes over the data.", ge=0)
+    steps: int = setting(
+        0, "Optimizer steps on full prompts; 0 means `epochs` passes (the warm-ups below come first).", ge=0
+    )
     epochs: int = setting(1, "Passes over the data when steps is 0.", ge=1)
     lr: float = setting(1e-5, "Peak learning rate (AdamW).", gt=0.0)
     warmup_steps: int = setting(10, "Linear warm-up steps.", ge=0)
@@ -32,5 +34,20 @@ class SFTConfig(ValidatedConfig):
     max_tokens: int = setting(8192, "Sequences longer than this (after replay) are skipped.", ge=2)
     bucket_by_length: bool = setting(True, "Batch examples of similar length together (less padding).")
     bucket_batches: int = setting(16, "Batches per length-sorting window when bucketing.", ge=1)
+    copy_warmup_steps: int = setting(
+        0,
+        "Steps of language modelling on random-token copy sequences before SFT (local backend): the "
+        "induction heads a pretrained checkpoint has, for a tiny model built from scratch. 0 for "
+        "real checkpoints.",
+        ge=0,
+    )
+    copy_warmup_batch: int = setting(32, "Sequences per copy warm-up step.", ge=1)
+    short_context_epochs: int = setting(
+        0,
+        "Epochs over the data with the prompts' tool schemas left out, before the `epochs` with "
+        "full prompts (local backend): a tiny model learns to copy in a short context first; in "
+        "the ~1,100-token prompt of three tool schemas it does not within minutes.",
+        ge=0,
+    )
     seed: int = setting(0, "Seed of the data order.")
     log_every: int = setting(10, "Log a metrics line every this many steps in `train`.", ge=1)

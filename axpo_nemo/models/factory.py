@@ -48,6 +48,7 @@ def build_policy(cfg: ModelConfig, seed: int = 0) -> PolicyBundle:
                 "num_key_value_heads": t.num_kv_heads,
                 "head_dim": t.head_dim,
                 "intermediate_size": t.intermediate_size,
+                "rope_theta": t.rope_theta,
             },
             vision_config={
                 "depth": t.vision_depth,

@@ -136,11 +136,12 @@ def tiny_qwen3vl_config(vocab_size: int, *, tokenizer=None, **overrides: Any) ->
         "pad_token_id": ids["<|endoftext|>"],
         **overrides.pop("text_config", {}),
     }
+    rope_theta = float(text.pop("rope_theta", 5_000_000.0))
     text.setdefault(
         "rope_parameters",
         {
             "rope_type": "default",
-            "rope_theta": 5_000_000.0,
+            "rope_theta": rope_theta,
             "mrope_section": _mrope_section(text["head_dim"]),
             "mrope_interleaved": True,
         },
