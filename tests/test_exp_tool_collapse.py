@@ -130,8 +130,28 @@ def test_aggregate_tables_and_plots(exp, tmp_path):
     assert all(r["mean"] == "" and r["seeds"] == "0" for r in grpo_rec)
 
     names = sorted(p.name for p in agg.plots)
-    assert names == sorted(f"{m}.png" for m in exp.CURVE_METRICS)
+    assert names == sorted([*(f"{m}.png" for m in exp.CURVE_METRICS), "curves.png"])
     assert all(p.is_file() and p.stat().st_size > 1000 for p in agg.plots)
+
+    # AXPO minus GRPO per seed (same SFT model and questions), with a t interval over seeds
+    paired = {d["row"]: d for d in summary["paired"]}
+    tool = paired["tool_use_rate last-2"]
+    expected = [
+        sum(_tool_rate("axpo", sd, s) - _tool_rate("grpo", sd, s) for s in (7, 8)) / 2 for sd in (0, 1)
+    ]
+    assert tool["other"] == "GRPO" and tool["seeds"] == [0, 1] and tool["diffs"] == pytest.approx(expected)
+    assert tool["mean"] == pytest.approx(sum(expected) / 2)
+    assert paired["eval pass@1"]["diffs"] == pytest.approx([0.0, 0.0])
+    assert "| AXPO − GRPO | tool_use_rate last-2 | 2 |" in md
+
+
+def test_mean_ci95_is_the_t_interval(exp):
+    mean, low, high, n = exp.mean_ci95([1.0, 2.0, 3.0, float("nan")])
+    assert (mean, n) == (2.0, 3)
+    assert high - mean == pytest.approx(4.303 * 1.0 / math.sqrt(3))  # t(0.975, 2) · s / √n
+    assert mean - low == pytest.approx(high - mean)
+    assert all(math.isnan(x) for x in exp.mean_ci95([5.0])[1:3])
+    assert exp.mean_ci95([0.1] * 40)[1] == pytest.approx(0.1)  # no spread, normal quantile past 30 df
 
 
 def test_aggregate_default_window_and_one_seed(exp, tmp_path):
@@ -173,6 +193,23 @@ def test_budget_matched_and_plan(exp, tmp_path):
 
     cfg = load_config("demo", bm.overrides)
     assert cfg.algorithm == "grpo" and cfg.rollout.group_size == 10 and cfg.seed == 3 and cfg.rl.steps == 5
+
+    # --ablations: each DESIGN ablation is AXPO with one switch flipped, on the first two seeds
+    abl_args = exp._parse_args(["--seeds", "3", "4", "5", "--out", str(tmp_path), "--ablations"])
+    abl_specs = exp.plan(abl_args, [], None)
+    ablations = [(s.key, s.seed) for s in abl_specs if s.key in exp.ABLATIONS]
+    assert ablations == [(k, seed) for seed in (3, 4) for k in exp.ABLATIONS]
+    for spec in (s for s in abl_specs if s.key in exp.ABLATIONS):
+        acfg = load_config("demo", spec.overrides)
+        flipped = {
+            "no_prefix_fixing": not acfg.axpo.prefix_fixing,
+            "no_prefix_credit": not acfg.axpo.prefix_credit,
+            "joint_groups": not acfg.axpo.separate_groups,
+            "random_selection": acfg.axpo.selection == "random",
+        }
+        assert acfg.algorithm == "axpo" and [k for k, v in flipped.items() if v] == [spec.key]
+    with pytest.raises(SystemExit):
+        exp._parse_args(["--seeds", "1", "--ablations", "--ablation-seeds", "2"])
     assert cfg.data.dir == str(sft.run_dir / "data") and cfg.output_dir == str(bm.run_dir)
     assert cfg.train.stages == ["sft", "rl", "eval", "plots"] and cfg.data.synth.seed == 3
 

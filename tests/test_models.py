@@ -348,10 +348,14 @@ def test_build_policy_follows_the_config():
     from axpo_nemo.config import load_config
     from axpo_nemo.models import build_policy
 
-    cfg = load_config("demo", ["model.tiny.num_layers=1", "model.tiny.hidden_size=96", "model.tiny.vision_depth=1"])
+    cfg = load_config(
+        "demo",
+        ["model.tiny.num_layers=1", "model.tiny.hidden_size=96", "model.tiny.vision_depth=1", "model.tiny.rope_theta=1234"],
+    )
     bundle = build_policy(cfg.model, seed=3)
     text, vision = bundle.config.text_config, bundle.config.vision_config
     assert (text.num_hidden_layers, text.hidden_size, text.head_dim) == (1, 96, cfg.model.tiny.head_dim)
+    assert text.rope_parameters["rope_theta"] == 1234.0
     assert vision.depth == 1 and vision.out_hidden_size == 96
     assert next(bundle.model.parameters()).dtype == torch.float32  # 'auto' on CPU
     again = build_policy(cfg.model, seed=3)

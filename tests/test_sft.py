@@ -198,6 +198,10 @@ def test_copy_batches_repeat_a_span_and_are_a_function_of_seed_and_step():
     assert torch.equal(x[:, :5], x[:, -5:])
     assert torch.equal(x, copy_batch(100, 4, 5, 3, seed=1, step=7))
     assert not torch.equal(x, copy_batch(100, 4, 5, 3, seed=1, step=8))
+    digits = torch.tensor([7, 8, 9])
+    y = copy_batch(100, 4, 5, 3, seed=1, step=7, alphabet=digits)
+    assert torch.equal(y[:, :5], y[:, -5:]) and torch.isin(y[1::2, :5], digits).all()
+    assert torch.equal(y[0::2], x[0::2])  # the even rows keep their random-token spans
 
 
 def test_warmups_run_first_then_sft_on_full_prompts(base, data):

@@ -17,6 +17,7 @@ Usage::
     python tools/exp_tool_collapse.py --quick               # smoke run (2 seeds, 3 RL steps, tiny data)
     python tools/exp_tool_collapse.py --seeds 0 1 2 3 --steps 40 --budget-matched \\
         --out runs/exp_tool_collapse --config demo rollout.max_new_tokens=128
+    python tools/exp_tool_collapse.py --seeds 0 1 2 3 4 --budget-matched --ablations   # the docs/results.md run
     python tools/exp_tool_collapse.py --aggregate-only      # rebuild tables/plots from what exists
 
 Trailing ``key=value`` overrides go to every run (SFT and RL alike), after the ``--quick``
@@ -70,7 +71,23 @@ from typing import Any
 import numpy as np
 
 #: The per-step metrics of the plots and the first/last-k table.
-CURVE_METRICS = ("tool_use_rate", "tool_subgroup_all_wrong_rate", "resample_recovery_rate", "accuracy")
+CURVE_METRICS = (
+    "tool_use_rate",
+    "tool_subgroup_all_wrong_rate",
+    "resample_recovery_rate",
+    "accuracy",
+    "accuracy_tool",
+    "accuracy_no_tool",
+)
+#: The DESIGN ablations (AXPO with one mechanism removed): key -> (table label, overrides).
+ABLATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "no_prefix_fixing": ("AXPO w/o prefix fixing", ("axpo.prefix_fixing=false",)),
+    "no_prefix_credit": ("AXPO w/o prefix credit", ("axpo.prefix_credit=false",)),
+    "joint_groups": ("AXPO joint groups", ("axpo.separate_groups=false",)),
+    "random_selection": ("AXPO random selection", ("axpo.selection=random",)),
+}
+#: Per-seed paired differences reported against AXPO: rows of the main table.
+PAIRED_ROWS = ("tool_use_rate last", "accuracy last", "eval pass@1", "eval pass@4")
 #: Eval metrics besides Pass@k (whose k come from the eval record).
 EVAL_EXTRA = ("tool_use_rate",)
 #: Algorithm keys, in table order, and their display labels.
@@ -138,6 +155,46 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
         return math.nan, math.nan, 0
     std = float(a.std(ddof=1)) if a.size > 1 else math.nan
     return float(a.mean()), std, int(a.size)
+
+
+#: Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float, float, int]:
+    """Mean and the 95 % t confidence interval of the non-NaN values: (mean, low, high, n).
+
+    With fewer than two values the interval is NaN.
+    """
+    a = np.asarray(values, dtype=np.float64)
+    a = a[~np.isnan(a)]
+    if not a.size:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(a.mean())
+    if a.size < 2:
+        return mean, math.nan, math.nan, 1
+    t = _T975[a.size - 2] if a.size - 1 <= len(_T975) else 1.960
+    half = t * float(a.std(ddof=1)) / math.sqrt(a.size)
+    return mean, mean - half, mean + half, int(a.size)
+
+
+def paired_differences(
+    per_run: Sequence[Mapping[str, Any]], base: str, others: Sequence[str], rows: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per seed, ``base`` minus each of ``others`` on each row; mean and 95 % CI over the seeds
+    where both runs have a value. Returns one dict per (other, row)."""
+    by = {(r["label"], r["seed"]): r for r in per_run}
+    out = []
+    for other in others:
+        seeds = sorted({seed for (lab, seed) in by if lab == base} & {seed for (lab, seed) in by if lab == other})
+        for row in rows:
+            diffs = [float(by[(base, sd)].get(row, math.nan)) - float(by[(other, sd)].get(row, math.nan)) for sd in seeds]
+            mean, low, high, n = mean_ci95(diffs)
+            out.append({"base": base, "other": other, "row": row, "seeds": seeds, "diffs": diffs,
+                        "mean": mean, "ci_low": low, "ci_high": high, "n": n})  # fmt: skip
+    return out
 
 
 def default_window(num_steps: int) -> int:
@@ -223,7 +280,7 @@ def aggregate(
     and show as "n/a"; means and stds ignore NaN.
     """
     from axpo_nemo.local.metrics_log import read_metrics
-    from axpo_nemo.local.plots import plot_mean_band, series
+    from axpo_nemo.local.plots import plot_mean_band, plot_mean_bands, series
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,9 +326,10 @@ def aggregate(
     # Plots: mean ± std over seeds per algorithm, one per metric.
     plots_dir = out_dir / "plots"
     plots = []
+    by_label = {lab: [rl[id(r)] for r in runs if r.label == lab] for lab in labels}
     for m in CURVE_METRICS:
-        by_label = {lab: [rl[id(r)] for r in runs if r.label == lab] for lab in labels}
         plots.append(plot_mean_band(by_label, m, plots_dir / f"{m}.png"))
+    plots.append(plot_mean_bands(by_label, CURVE_METRICS, plots_dir / "curves.png"))
 
     # Per-step table of the curves (unsmoothed mean, sample std, seeds present).
     curves_csv = out_dir / "curves.csv"
@@ -307,6 +365,20 @@ def aggregate(
     if sft_seconds:
         sft_vals = [float(v) for v in sft_seconds.values()]
         lines += ["", f"Shared SFT per seed: {_fmt_ms(sft_vals, 1)} s ({len(sft_vals)} seed(s))."]
+    paired: list[dict[str, Any]] = []
+    if "AXPO" in labels and len(labels) > 1:
+        rows = [r.replace(" last", f" last-{window}") if r.endswith(" last") else r for r in PAIRED_ROWS]
+        rows = [r for r in rows if r in row_names]
+        baselines = [lab for lab in labels if lab.startswith("GRPO")]
+        paired = paired_differences(per_run, "AXPO", baselines, rows)
+        if paired:
+            lines += ["", "## Paired differences (per seed, same SFT model and questions)", ""]
+            lines += ["| difference | metric | seeds | mean | 95 % CI |", "| --- | --- | ---: | ---: | --- |"]
+            for d in paired:
+                ci = "n/a" if math.isnan(d["ci_low"]) else f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+                mean = "n/a" if math.isnan(d["mean"]) else f"{d['mean']:+.3f}"
+                lines.append(f"| AXPO − {d['other']} | {d['row']} | {d['n']} | {mean} | {ci} |")
+            lines += ["", "_t interval over seeds; an interval that contains 0 is no evidence of a difference._"]
     lines += ["", "## Runs", ""]
     head = ["run", "seed", "steps"]
     head += [f"{m} first→last" for m in CURVE_METRICS]
@@ -339,7 +411,7 @@ def aggregate(
         json.dumps(
             _json_safe(
                 {"window": window, "labels": labels, "summary": summary, "runs": per_run,
-                 "sft_seconds": dict(sft_seconds or {})}
+                 "paired": paired, "sft_seconds": dict(sft_seconds or {})}
             ),
             indent=2,
         )
@@ -429,6 +501,17 @@ def plan(args: argparse.Namespace, base_overrides: list[str], bm_n: int | None) 
             if key == BUDGET_MATCHED:
                 extra.append(f"rollout.group_size={bm_n}")
             specs.append(RunSpec(key, labels[key], seed, run_dir, [*common, *extra]))
+        if seed in (getattr(args, "ablation_seeds", None) or ()):
+            for key, (label, ablation) in ABLATIONS.items():
+                run_dir = seed_dir / key
+                extra = [
+                    "algorithm=axpo",
+                    f"output_dir={_yaml_str(str(run_dir))}",
+                    f"data.dir={_yaml_str(str(sft_dir / 'data'))}",
+                    "train.stages=[sft,rl,eval,plots]",
+                    *ablation,
+                ]
+                specs.append(RunSpec(key, label, seed, run_dir, [*common, *extra]))
     return specs
 
 
@@ -640,6 +723,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget-matched", action="store_true", help="also run GRPO with group_size N·(1+r) (label GRPO-BM)"
     )
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also run the DESIGN ablations (AXPO without prefix fixing, without prefix credit, with "
+        "joint groups, with random selection) on --ablation-seeds",
+    )
+    parser.add_argument(
+        "--ablation-seeds", type=int, nargs="+", default=None, help="seeds of the ablations (default: the first two)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, 2 seeds, 3 RL steps")
     parser.add_argument(
         "--window",
@@ -661,6 +753,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.seeds = list(QUICK_SEEDS if args.quick else (0, 1, 2))
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds: each seed once")
+    if args.ablation_seeds is not None and not args.ablations:
+        parser.error("--ablation-seeds needs --ablations")
+    if args.ablations:
+        args.ablation_seeds = args.ablation_seeds or args.seeds[:2]
+        if not set(args.ablation_seeds) <= set(args.seeds):
+            parser.error("--ablation-seeds must be among --seeds (they share its SFT model)")
     if args.steps is None and args.quick:
         args.steps = QUICK_STEPS
     if args.steps is not None and args.steps < 1:

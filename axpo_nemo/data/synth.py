@@ -314,7 +314,7 @@ def _color_mc(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
 
 
 def _python_multiply(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
-    """The product of two two-digit numbers; ``print(a * b)`` prints the answer."""
+    """The product of two numbers (multiply_min..multiply_max); ``print(a * b)`` prints the answer."""
     a, b = rng.randint(cfg.multiply_min, cfg.multiply_max), rng.randint(cfg.multiply_min, cfg.multiply_max)
     product = a * b
     options, letter = _mc(rng, str(product), _number_distractors(rng, product), cfg)
@@ -323,8 +323,8 @@ def _python_multiply(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _It
         question=_with_options(f"What is {a} * {b}?", options),
         answer=letter,
         thinking=[
-            f"{a} * {b} is hard to do in my head. I will use python.",
-            "I copy the number python printed.",
+            f"I will use python for {a} * {b}.",
+            f"{product} is what python printed.",
         ],
         tool_call=("python", {"code": f"print({a} * {b})"}),
         options=options,
@@ -357,7 +357,7 @@ def _python_area(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
         key=(color, w, h),
         question=_with_options(f"How many pixels does the {color} rectangle cover?", options),
         answer=letter,
-        thinking=[f"Python can count the {color} pixels.", "I copy the number python printed."],
+        thinking=[f"I will use python to count the {color} pixels.", f"{area} is what python printed."],
         tool_call=("python", {"code": f"print((np.array(image)==({rgb})).all(2).sum())"}),
         render=render,
         options=options,
@@ -377,8 +377,8 @@ def _search_fact(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
         question=_with_options(spec["question"].format(e=entity), options),
         answer=letter,
         thinking=[
-            f"I do not know the {relation} of {entity}. I will search for it.",
-            "I copy the name the first result gives.",
+            f"I will search for the {relation} of {entity}.",
+            f"{value} is what the first result names.",
         ],
         tool_call=("search", {"query": f"{entity} {relation}"}),
         options=options,
@@ -551,8 +551,11 @@ def _draw(family: str, split: str, index: int, cfg: SynthConfig, ctx: _Context, 
     )
 
 
-#: The thinking of an SFT trajectory that answers a tool question without the tool. It starts like
-#: the tool trajectories' ("I will ..."), so the choice to act is a few tokens of the prefix.
+#: The thinking of an SFT trajectory that answers a tool question without the tool. Every tool
+#: trajectory's thinking starts "I will" too, then names its tool ("use python", "search"): the
+#: choice to act is one token of the prefix, and what the call copies (operands, a colour, a
+#: country) comes after it. (With the copy first, the policy had to choose and copy in one
+#: token; it copied a first operand at chance, the second at p = 0.95.)
 GUESS_THINKING = "I will answer without a tool."
 
 

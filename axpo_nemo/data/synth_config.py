@@ -28,7 +28,7 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("arith_small", None, "math", "one-digit addition or subtraction"),
         FamilySpec("color_mc", None, "multiple_choice", "the image's dominant colour, 2-4 options"),
         FamilySpec(
-            "python_multiply", "python", "multiple_choice", "product of two two-digit numbers, 2-4 options"
+            "python_multiply", "python", "multiple_choice", "product of two numbers, 2-4 options"
         ),
         FamilySpec(
             "python_area", "python", "multiple_choice", "pixel area of a coloured rectangle, 2-4 options"
@@ -51,7 +51,7 @@ class FamilyWeights(ValidatedConfig):
     )
     python_multiply: float = setting(
         1.0,
-        "python: the product of two two-digit numbers among 2-4 options; print(a * b) prints it.",
+        "python: the product of two numbers (multiply_min..multiply_max) among 2-4 options; print(a * b) prints it.",
         ge=0.0,
     )
     python_area: float = setting(

@@ -21,15 +21,29 @@ import torch
 __all__ = ["copy_batch", "copy_loss"]
 
 
-def copy_batch(vocab_limit: int, batch_size: int, span: int, gap: int, seed: int, step: int) -> torch.Tensor:
+def copy_batch(
+    vocab_limit: int,
+    batch_size: int,
+    span: int,
+    gap: int,
+    seed: int,
+    step: int,
+    alphabet: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[batch_size, 2·span + gap]`` token ids: a random span, random filler, the span again.
 
     Ids are drawn uniformly from ``[0, vocab_limit)`` (the ordinary tokens: keep the special ones
-    out). The batch is a pure function of ``(seed, step)``, so a resumed run draws the same.
+    out). With ``alphabet`` (token ids, e.g. the digits and a space), the odd rows draw their span
+    from it instead: in a span of digits the same pair of tokens recurs, so copying it needs the
+    position, not just the previous token (how a number's digits are copied). The batch is a
+    pure function of ``(seed, step)``, so a resumed run draws the same.
     """
     g = torch.Generator().manual_seed((int(seed) & 0xFFFFFFFF) * 1_000_003 + int(step))
     x = torch.randint(0, vocab_limit, (batch_size, span), generator=g)
     filler = torch.randint(0, vocab_limit, (batch_size, gap), generator=g)
+    if alphabet is not None and len(alphabet):
+        pick = torch.randint(0, len(alphabet), (batch_size, span), generator=g)
+        x[1::2] = alphabet[pick[1::2]]
     return torch.cat([x, filler, x], dim=1)
 
 

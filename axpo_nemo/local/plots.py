@@ -27,6 +27,7 @@ __all__ = [
     "SUMMARY_METRICS",
     "compare_runs",
     "plot_mean_band",
+    "plot_mean_bands",
     "plot_run",
     "rolling_mean",
     "run_label",
@@ -324,6 +325,20 @@ def _mean_std(runs: Sequence[Sequence[Mapping[str, Any]]], metric: str, phase: s
     return steps, mean, std
 
 
+def _draw_mean_band(ax, runs_by_label, metric: str, phase: str, smooth: int | None) -> None:
+    for label, runs in runs_by_label.items():
+        steps, mean, std = _mean_std(runs, metric, phase, smooth)
+        if not _finite(mean):
+            ax.plot([], [], label=f"{label} (not logged)")
+            continue
+        (line,) = ax.plot(steps, mean, linewidth=1.8, label=f"{label} (n={len(runs)})")
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_title(f"{metric} (mean ± std over seeds)", fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_mean_band(
     runs_by_label: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
     metric: str,
@@ -341,17 +356,29 @@ def plot_mean_band(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(6.4, 4.0), dpi=_DPI, layout="constrained")
-    ax = fig.add_subplot()
-    for label, runs in runs_by_label.items():
-        steps, mean, std = _mean_std(runs, metric, phase, smooth)
-        if not _finite(mean):
-            ax.plot([], [], label=f"{label} (not logged)")
-            continue
-        (line,) = ax.plot(steps, mean, linewidth=1.8, label=f"{label} (n={len(runs)})")
-        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_title(f"{metric} (mean ± std over seeds)")
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _draw_mean_band(fig.add_subplot(), runs_by_label, metric, phase, smooth)
+    fig.savefig(out)
+    return out
+
+
+def plot_mean_bands(
+    runs_by_label: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+    metrics: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    phase: str = "rl",
+    smooth: int | None = None,
+    columns: int = 3,
+) -> Path:
+    """`plot_mean_band` for several metrics, one panel each, in one figure; returns ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = math.ceil(len(metrics) / columns)
+    fig = Figure(figsize=(4.2 * columns, 3.2 * rows), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, metric in zip(axes, metrics, strict=False):
+        _draw_mean_band(ax, runs_by_label, metric, phase, smooth)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
     fig.savefig(out)
     return out

@@ -231,6 +231,9 @@ class SFTTrainer(ResumableTrainer):
         #: the step at which SFT on full prompts starts (after the copy and short-context warm-ups)
         self.warmup_steps = cfg.copy_warmup_steps + cfg.short_context_epochs * self.short_batches_per_epoch
         self.vocab_limit = min(bundle.tokenizer.all_special_ids or [len(bundle.tokenizer)])
+        # the digits and the space around them: numbers are what SFT copies most
+        digit_ids = {t for c in "0123456789 " for t in bundle.tokenizer.encode(c, add_special_tokens=False)}
+        self.copy_alphabet = torch.tensor(sorted(digit_ids))
         self.total_steps = self.warmup_steps + (cfg.steps or cfg.epochs * self.batches_per_epoch)
         self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay)
         self.scheduler = WarmupCosineSchedule(
@@ -270,8 +273,9 @@ class SFTTrainer(ResumableTrainer):
         """One copy warm-up step's loss and backward (the caller steps the optimizer)."""
         span = 24
         tokens = copy_batch(
-            self.vocab_limit, self.cfg.copy_warmup_batch, span, 16, self.cfg.seed, self.step_count
-        )
+            self.vocab_limit, self.cfg.copy_warmup_batch, span, 16, self.cfg.seed, self.step_count,
+            self.copy_alphabet,
+        )  # fmt: skip
         loss = copy_loss(self.model, tokens, span)
         loss.backward()
         return float(loss.detach())

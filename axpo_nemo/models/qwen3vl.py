@@ -116,7 +116,8 @@ def tiny_qwen3vl_config(vocab_size: int, *, tokenizer=None, **overrides: Any) ->
         tokenizer: tokenizer the control-token ids are read from (by text); defaults to
             :func:`~axpo_nemo.models.tokenizer.build_tiny_tokenizer`.
         **overrides: top-level ``Qwen3VLConfig`` fields (e.g. ``tie_word_embeddings=False``);
-            ``text_config=`` / ``vision_config=`` dicts are merged into the tiny defaults.
+            ``text_config=`` / ``vision_config=`` dicts are merged into the tiny defaults
+            (``text_config`` may set ``rope_theta``, the rotary base; default Qwen3-VL's 5e6).
             ``mrope_section`` and the vision ``out_hidden_size`` follow ``head_dim`` and the text
             ``hidden_size`` unless given explicitly.
     """
