@@ -163,6 +163,14 @@ def test_row_budget_and_global_batch():
     assert train_global_batch_size(odd) == 648
     fixed = load_config("cluster/axpo_2b", ["nemo.megatron.train_global_batch_size=128"])
     assert train_global_batch_size(fixed) == 128
+    # the same M as the training step: 0.29 · 100 is 28.999… in floats, but the step makes 29 prefixes
+    from axpo_nemo.core import resample_budget
+
+    exact = load_config(
+        "cluster/axpo_2b", ["rollout.questions_per_step=25", "rollout.group_size=4", "axpo.r=0.29", "axpo.k=1"]
+    )
+    assert resample_budget(100, 0.29, 1) == 29
+    assert max_rows_per_step(exact) == 100 + 29
 
 
 def test_overrides_deep_merge_last():
@@ -251,3 +259,20 @@ def test_nemo_rl_master_configs_accept_our_dicts():
         grpo = GRPOMasterConfig(**_master(f"cluster/axpo_{size}"))
         assert grpo.policy["megatron_cfg"]["enabled"] is True
         SFTMasterConfig(**build_sft_master_config(load_config(f"cluster/sft_{size}")))
+
+
+CLUSTER_CONFIGS = [f"cluster/{a}_{m}" for a in ("axpo", "grpo", "sft") for m in ("2b", "4b", "8b", "32b")]
+
+
+@pytest.mark.parametrize("name", CLUSTER_CONFIGS)
+def test_every_cluster_config_saves_checkpoints_and_keeps_grad_reduce_in_order(name):
+    # v0.7.0's Policy.save_checkpoint (models/policy/lm_policy.py) raises "model_save_format must be
+    # None or omitted if using DTensorPolicyWorker (_v2=False)" for any other value; and every v0.7.0
+    # VLM Megatron recipe turns overlap_grad_reduce off
+    cfg = load_config(name)
+    master = build_sft_master_config(cfg) if name.startswith("cluster/sft") else build_master_config(cfg)
+    policy = master["policy"]
+    if not policy.get("dtensor_cfg", {}).get("_v2", False):
+        assert master["checkpointing"].get("model_save_format") is None
+    ddp = policy["megatron_cfg"]["distributed_data_parallel_config"]
+    assert ddp["overlap_grad_reduce"] is False

@@ -46,6 +46,7 @@ from axpo_nemo.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from axpo_nemo.core.advantages import StepAdvantages, assemble_advantages, group_normalize
+    from axpo_nemo.core.budget import resample_budget
     from axpo_nemo.core.config import AdvantageConfig, AXPOConfig, LossConfig
     from axpo_nemo.core.loss import kl_estimate, policy_loss
     from axpo_nemo.core.metrics import STEP_METRIC_NAMES, pass_at_k, step_metrics
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
         ResamplePlan,
         group_tool_stats,
         plan_resampling,
-        resample_budget,
         speculative_plan,
         tool_call_uncertainty,
     )
@@ -104,7 +104,7 @@ _HOME = {
     "ResamplePlan": "selection",
     "group_tool_stats": "selection",
     "plan_resampling": "selection",
-    "resample_budget": "selection",
+    "resample_budget": "budget",
     "speculative_plan": "selection",
     "tool_call_uncertainty": "selection",
 }

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 
+from axpo_nemo.core.budget import resample_budget
 from axpo_nemo.core.config import AXPOConfig
 from axpo_nemo.core.rollout import RolloutBatch
 
@@ -49,11 +49,6 @@ def group_tool_stats(batch: RolloutBatch) -> GroupToolStats:
     n_tool = torch.bincount(g[tool], minlength=groups)
     n_tool_correct = torch.bincount(g[tool & correct], minlength=groups)
     return GroupToolStats(size, n_tool, n_tool_correct, (n_tool > 0) & (n_tool_correct == 0))
-
-
-def resample_budget(num_rollouts: int, r: float, k: int) -> int:
-    """M = floor(r·B·N / K), with B·N = ``num_rollouts``, computed exactly (no float rounding)."""
-    return int(Fraction(r).limit_denominator(10**9) * num_rollouts // k)
 
 
 def tool_call_uncertainty(batch: RolloutBatch, rows: torch.Tensor) -> torch.Tensor:

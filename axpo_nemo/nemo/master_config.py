@@ -74,6 +74,7 @@ from omegaconf import DictConfig, OmegaConf
 from axpo_nemo.config import loader as _loader  # noqa: F401  (registers NeMo-RL's resolvers: mul, add, ...)
 from axpo_nemo.config.loader import ConfigError
 from axpo_nemo.config.schema import Config
+from axpo_nemo.core.budget import resample_budget
 
 __all__ = [
     "build_master_config",
@@ -131,7 +132,8 @@ def max_rows_per_step(cfg: Config) -> int:
     originals = cfg.rollout.questions_per_step * cfg.rollout.group_size
     if cfg.algorithm == "grpo":
         return originals
-    return originals + math.floor(cfg.axpo.r * originals / cfg.axpo.k) * cfg.axpo.k
+    # the core's exact M: a float floor gave 28 for r=0.29, B·N=100, K=1 where the step makes 29
+    return originals + resample_budget(originals, cfg.axpo.r, cfg.axpo.k) * cfg.axpo.k
 
 
 def train_global_batch_size(cfg: Config) -> int:
@@ -246,7 +248,9 @@ def _megatron_cfg(cfg: Config, optimizer: dict[str, Any], scheduler: dict[str, A
         "scheduler": scheduler,
         "distributed_data_parallel_config": {
             "grad_reduce_in_fp32": meg.grad_reduce_in_fp32,
-            "overlap_grad_reduce": True,
+            # False for vision-language models, as in every v0.7.0 VLM Megatron recipe: an AXPO
+            # padding row has no image, and a last micro-batch without one fails finish_grad_sync
+            "overlap_grad_reduce": False,
             "overlap_param_gather": True,
             "use_custom_fsdp": False,
             "data_parallel_sharding_strategy": "optim_grads_params",
@@ -425,7 +429,9 @@ def _checkpointing(cfg: Config, stage: str) -> dict[str, Any]:
         # every: 0 means "only at the end"; NeMo-RL always saves on the last step.
         "save_period": every if every > 0 else 10**9,
         "checkpoint_must_save_by": None,
-        "model_save_format": "safetensors",
+        # v0.7.0's Policy.save_checkpoint raises for any format unless dtensor_cfg._v2 is on
+        # (models/policy/lm_policy.py, save_checkpoint); the Megatron worker writes its own format
+        "model_save_format": None,
         "save_consolidated": False,
         "save_optimizer": True,
     }
