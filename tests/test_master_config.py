@@ -276,3 +276,24 @@ def test_every_cluster_config_saves_checkpoints_and_keeps_grad_reduce_in_order(n
         assert master["checkpointing"].get("model_save_format") is None
     ddp = policy["megatron_cfg"]["distributed_data_parallel_config"]
     assert ddp["overlap_grad_reduce"] is False
+
+
+def test_fp8_rollouts_keep_the_vision_tower_out_of_quantization():
+    # v0.7.0 (generation/vllm/quantization/fp8.py) ignores every "model.<name>" of AutoModel that
+    # contains one of quantization_ignored_layer_kws; on a real Qwen3-VL architecture that must be
+    # exactly the vision tower
+    from transformers import AutoModel
+
+    from axpo_nemo.models.qwen3vl import tiny_qwen3vl_config
+    from axpo_nemo.models.tokenizer import build_tiny_tokenizer
+
+    vllm_cfg = _master("cluster/axpo_32b")["policy"]["generation"]["vllm_cfg"]
+    assert vllm_cfg["precision"] == "fp8"
+    kws = vllm_cfg["quantization_ignored_layer_kws"]
+    assert "quantization_ignored_layer_kws" not in _master("cluster/axpo_8b")["policy"]["generation"]["vllm_cfg"]
+    tokenizer = build_tiny_tokenizer()
+    model = AutoModel.from_config(tiny_qwen3vl_config(len(tokenizer), tokenizer=tokenizer))
+    names = [f"model.{n}".removesuffix(".weight") for n, _ in model.named_parameters()]
+    ignored = {n for n in names if any(p in n for p in kws)}
+    vision = {n for n in names if n.startswith("model.visual.")}
+    assert vision and ignored == vision

@@ -310,6 +310,10 @@ def _policy(cfg: Config, *, seq_len: int, gbs: int, megatron_cfg: dict[str, Any]
     return policy
 
 
+#: Parameter-name keywords of the Qwen3-VL vision tower (kept out of FP8 quantization).
+VISION_TOWER_KWS = ("visual.",)
+
+
 def _generation(cfg: Config) -> dict[str, Any]:
     """``policy.generation``: vLLM, colocated, prefix caching, FP8 rollouts when training in FP8."""
     vllm, meg, rollout = cfg.nemo.vllm, cfg.nemo.megatron, cfg.rollout
@@ -342,6 +346,10 @@ def _generation(cfg: Config) -> dict[str, Any]:
             "vllm_metrics_logger_interval": 0.5,
             "skip_tokenizer_init": False,  # NeMo-RL asserts this for VLMs (the processor renders images)
             "enable_prefix_caching": vllm.enable_prefix_caching,
+            # FP8 rollouts keep the vision tower in bf16: v0.7.0's fp8 init matches these keywords
+            # against "model.<param name>" of AutoModel (generation/vllm/quantization/fp8.py), where
+            # every Qwen3-VL vision parameter lives under "visual." and no text parameter does
+            **({"quantization_ignored_layer_kws": list(VISION_TOWER_KWS)} if fp8 else {}),
         },
         # A multimodal processor cache in vLLM broke NeMo-RL's VLM recipe at validation time.
         "vllm_kwargs": {"mm_processor_cache_gb": 0},
