@@ -75,6 +75,9 @@ def test_override_styles():
         (["axpo.r"], "not of the form key=value"),
         (["~axpo.r"], "not of the form|deleting keys"),
         (["~axpo.r=1"], "deleting keys is not supported"),
+        # a NeMo-RL master-config key, typed as a NeMo-RL user would: point to where it goes
+        (["logger.wandb.name=r05"], "go under nemo.overrides: \\+\\+nemo.overrides.logger.wandb.name=r05"),
+        (["++policy.max_grad_norm=2"], "\\+\\+nemo.overrides.policy.max_grad_norm=2"),
     ],
 )
 def test_bad_overrides_fail_with_one_line_naming_the_key(overrides, expected):

@@ -142,6 +142,12 @@ def parse_value(text: str) -> Any:
     return value
 
 
+#: Top-level sections of NeMo-RL's GRPO/SFT master config that this schema does not have (its
+#: own ``sft``, ``data`` and ``cluster`` come first): an override of one of these belongs under
+#: ``nemo.overrides`` (a NeMo-RL user types ``logger.wandb.name=...`` out of habit).
+NEMO_RL_SECTIONS = frozenset({"policy", "grpo", "loss_fn", "env", "logger", "checkpointing"})
+
+
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
     """Apply ``key=value`` / ``+key=value`` / ``++key=value`` overrides in place."""
     for item in overrides:
@@ -152,6 +158,11 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
         if op == "~":
             raise ConfigError(f"override '{item}': deleting keys is not supported; set it to null instead")
         exists = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING
+        if not exists and key.split(".", 1)[0] in NEMO_RL_SECTIONS:
+            raise ConfigError(
+                f"unknown config key '{key}' (override '{item}'): NeMo-RL master-config keys go under "
+                f"nemo.overrides: ++nemo.overrides.{key}={m['value']}"
+            )
         if op == "" and not exists:
             hint = closest_key(key)
             suggestion = f"; did you mean '{hint}'?" if hint else ""
