@@ -50,6 +50,12 @@ SCRIPTS = sorted(
 
 #: A few seconds of real training on two CPU cores: 2 SFT steps, then RL on 2 questions x 2 rollouts.
 TINY = (
+    "model.tiny.num_layers=2",  # the 2 x 128 model and no SFT warm-ups: the job, not learning, is tested
+    "model.tiny.hidden_size=128",
+    "model.tiny.head_dim=32",
+    "model.tiny.intermediate_size=256",
+    "sft.copy_warmup_steps=0",
+    "sft.short_context_epochs=0",
     "data.synth.num_sft=16",
     "data.synth.num_rl=8",
     "data.synth.num_eval=2",
