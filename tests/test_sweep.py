@@ -102,6 +102,21 @@ def test_bad_sweeps_are_refused_naming_the_input(tmp_path, args, message):
     assert message in proc.stderr
 
 
+def test_every_point_loads_and_plans_before_anything_is_submitted(tmp_path):
+    # a point that fails `axpo plan` (TP 3 does not divide 8B's attention heads) or has a bad value
+    # stops the whole sweep, in a dry run too, naming the point; the good points are not submitted
+    env = _fake_sbatch(tmp_path)
+    script = str(ROOT / "slurm" / "axpo_8b.sh")
+    proc = _run(SWEEP, script, "--grid", "nemo.megatron.tensor_parallel=2,3", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and "point tensor_parallel-3: axpo plan fails: " in proc.stderr
+    assert "TP=3 does not divide the 32 attention heads" in proc.stderr
+    assert "1 of 2 points would fail; nothing submitted" in proc.stderr and proc.stdout == ""
+    proc = _run(SWEEP, script, "--grid", "axpo.r=0.25,-1", cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "point r--1: " in proc.stderr and "axpo.r" in proc.stderr
+    assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "runs").exists()
+    assert sweep.script_config(script) == "cluster/axpo_8b"
+
+
 def test_a_missing_job_script_is_refused(tmp_path):
     proc = _run(SWEEP, "slurm/nope.sh", "--grid", "seed=1,2", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 2 and "slurm/nope.sh does not exist" in proc.stderr

@@ -15,7 +15,9 @@ Every point gets a fixed ``output_dir=<runs>/<name>/<point>`` (``<point>`` spell
 e.g. ``r-0.25_group_size-4``), so a requeued job resumes in its own folder and
 ``tools/collect.py <runs>/<name>`` finds the runs. Without ``--dry-run`` the sweep writes
 ``<runs>/<name>/sweep.json`` (the grid, each point's overrides, folder and job id) before
-submitting; ``--dry-run`` prints the ``sbatch`` command lines and writes nothing.
+submitting; ``--dry-run`` prints the ``sbatch`` command lines and writes nothing. Before either,
+every point's config is loaded (the script's ``AXPO_CONFIG``) and, on the cluster backend, run
+through ``axpo plan``'s layout and memory checks: one failing point and nothing is submitted.
 
 With ``--array`` there is one ``sbatch --array=0-<n-1>`` submission: each task's arguments are
 written to ``<runs>/<name>/tasks/<i>.args`` (one per line), which slurm/launch.sh appends to the
@@ -142,6 +144,44 @@ def _submit(cmd: list[str], env: dict[str, str] | None = None) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
+_SCRIPT_CONFIG = re.compile(r"AXPO_CONFIG=\$\{AXPO_CONFIG:-([^}]+)\}")
+
+
+def script_config(script: str) -> str:
+    """The config a job script runs: ``$AXPO_CONFIG`` if set, else the script's own default."""
+    if os.environ.get("AXPO_CONFIG"):
+        return os.environ["AXPO_CONFIG"]
+    m = _SCRIPT_CONFIG.search(Path(script).read_text(encoding="utf-8", errors="replace"))
+    return m.group(1) if m else "axpo"
+
+
+def check_points(config: str, points: list[Point]) -> list[str]:
+    """Load every point's config (and, on the cluster backend, run ``axpo plan``'s layout and
+    memory checks on it); returns one line per point that would fail, before anything is submitted."""
+    from axpo_nemo.config import ConfigError, load_config
+
+    problems = []
+    for p in points:
+        try:
+            cfg = load_config(config, p.overrides)
+        except (ConfigError, ValueError) as exc:
+            problems.append(f"point {p.name}: {exc}")
+            continue
+        if cfg.backend != "nemo":
+            continue
+        from axpo_nemo.nemo.plan import PlanError, plan
+
+        try:
+            report = plan(cfg, config)
+        except PlanError as exc:
+            problems.append(f"point {p.name}: axpo plan: {exc}")
+            continue
+        if not report.ok:
+            why = report.errors or (report.memory.problems if report.memory is not None else [])
+            problems.append(f"point {p.name}: axpo plan fails: {'; '.join(why) or 'does not fit'}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -185,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         points = build_points(grid, args.set, sweep_dir)
     except ValueError as exc:
         print(f"sweep: {exc}", file=sys.stderr)
+        return 2
+    # every point loads and plans before anything is submitted (in a dry run too)
+    problems = check_points(script_config(args.script), points)
+    if problems:
+        for line in problems:
+            print(f"sweep: {line}", file=sys.stderr)
+        print(f"sweep: {len(problems)} of {len(points)} points would fail; nothing submitted", file=sys.stderr)
         return 2
 
     if args.array:
