@@ -297,3 +297,9 @@ def test_fp8_rollouts_keep_the_vision_tower_out_of_quantization():
     ignored = {n for n in names if any(p in n for p in kws)}
     vision = {n for n in names if n.startswith("model.visual.")}
     assert vision and ignored == vision
+
+
+def test_rope_fusion_is_off_with_sequence_packing():
+    # fused RoPE over packed Qwen3-VL sequences gives mismatched logprobs (Megatron-Bridge issue 1776)
+    assert _master("cluster/axpo_32b")["policy"]["megatron_cfg"]["apply_rope_fusion"] is False  # packing
+    assert _master("cluster/axpo_8b")["policy"]["megatron_cfg"]["apply_rope_fusion"] is True  # dynamic

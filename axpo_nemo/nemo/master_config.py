@@ -228,7 +228,10 @@ def _megatron_cfg(cfg: Config, optimizer: dict[str, Any], scheduler: dict[str, A
         "moe_router_load_balancing_type": "none",
         "moe_router_bias_update_rate": 0.0,
         "moe_permute_fusion": True,
-        "apply_rope_fusion": True,
+        # off with sequence packing: fused RoPE over packed Qwen3-VL (M-RoPE) sequences is a known
+        # logprob mismatch (NVIDIA-NeMo/Megatron-Bridge issue 1776); `axpo plan` refuses an
+        # override that turns it back on
+        "apply_rope_fusion": meg.batching != "packing",
         "bias_activation_fusion": True,
         "defer_fp32_logits": False,
         "moe_per_layer_logging": False,

@@ -307,6 +307,12 @@ def check_layout(cfg: Config, arch: Architecture) -> tuple[list[str], list[str]]
         errors.append(
             "nemo.megatron.batching: context parallelism (CP > 1) needs batching: packing in NeMo-RL"
         )
+    fusion = ((cfg.nemo.overrides or {}).get("policy") or {}).get("megatron_cfg", {}).get("apply_rope_fusion")
+    if meg.batching == "packing" and fusion:
+        errors.append(
+            "nemo.overrides.policy.megatron_cfg.apply_rope_fusion: fused RoPE with batching: packing gives "
+            "Qwen3-VL logprobs that do not match (Megatron-Bridge issue 1776); leave it off"
+        )
     if meg.batching == "dynamic" and pp > 1:
         errors.append(
             "nemo.megatron.batching: dynamic batching needs PP = 1 in NeMo-RL; use batching: packing"
