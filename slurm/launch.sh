@@ -140,6 +140,12 @@ GPU_ARGS=()
 if [[ ${SLURM_GPUS_ON_NODE:-0} =~ ^[1-9][0-9]*$ ]]; then
   GPU_ARGS=(--gres="gpu:$SLURM_GPUS_ON_NODE")
 fi
+# A Ray node gets every CPU of its node, as NeMo-RL's ray.sub does: without it a step holds one
+# CPU, and the tool actors, data workers and vLLM's CPU side all share it.
+RAY_CPU_ARGS=()
+if [[ ${SLURM_CPUS_ON_NODE:-0} =~ ^[1-9][0-9]*$ ]]; then
+  RAY_CPU_ARGS=(--cpus-per-task="$SLURM_CPUS_ON_NODE")
+fi
 on_head() { srun "${STEP_ARGS[@]}" "${CONTAINER_ARGS[@]}" "$@"; }
 
 {
@@ -271,12 +277,12 @@ if [[ $USE_RAY == 1 ]]; then
   fi
   export AXPO_RAY_PORT=$RAY_PORT
   say "starting Ray: head on $HEAD ($AXPO_RAY_ADDRESS), ${#NODES[@]} node(s), $GPUS_PER_NODE GPU(s) each"
-  srun "${STEP_ARGS[@]}" "${GPU_ARGS[@]}" "${CONTAINER_ARGS[@]}" \
+  srun "${STEP_ARGS[@]}" "${GPU_ARGS[@]}" "${RAY_CPU_ARGS[@]}" "${CONTAINER_ARGS[@]}" \
     bash "$AXPO_REPO/slurm/lib/ray_node.sh" head >"$ATTEMPT_DIR/ray-$HEAD.log" 2>&1 &
   RAY_PIDS+=($!)
   if ((${#NODES[@]} > 1)); then
     srun --overlap --nodes=$((${#NODES[@]} - 1)) --ntasks-per-node=1 --exclude="$HEAD" \
-      "${GPU_ARGS[@]}" "${CONTAINER_ARGS[@]}" --output="$ATTEMPT_DIR/ray-%N.log" \
+      "${GPU_ARGS[@]}" "${RAY_CPU_ARGS[@]}" "${CONTAINER_ARGS[@]}" --output="$ATTEMPT_DIR/ray-%N.log" \
       bash "$AXPO_REPO/slurm/lib/ray_node.sh" worker &
     RAY_PIDS+=($!)
   fi
