@@ -32,6 +32,7 @@
 #   AXPO_PYTHON       the Python that runs everything (default: python)
 #   AXPO_LOG_ROOT     default: $SLURM_SUBMIT_DIR/logs
 #   AXPO_RUNS_ROOT    default: $SLURM_SUBMIT_DIR/runs
+#   HF_HOME           default: $SLURM_SUBMIT_DIR/.cache/huggingface (shared by every node)
 #   AXPO_REPO         this checkout (found from the job's command when unset)
 #   AXPO_MAX_REQUEUES stop requeueing after this many restarts (default: 50)
 #   AXPO_ARRAY_ARGS   a folder of <task id>.args files (tools/sweep.py --array): a task's arguments
@@ -69,6 +70,9 @@ JOB_TAG="${SLURM_JOB_NAME:-axpo}-$JOB_KEY"
 ATTEMPT=${SLURM_RESTART_COUNT:-0}
 LOG_ROOT=${AXPO_LOG_ROOT:-$SUBMIT_DIR/logs}
 RUNS_ROOT=${AXPO_RUNS_ROOT:-$SUBMIT_DIR/runs}
+# Weights and processors are fetched once into a folder every node sees (the submit folder's file
+# system), not into each node's home cache.
+export HF_HOME=${HF_HOME:-$SUBMIT_DIR/.cache/huggingface}
 LOG_DIR="$LOG_ROOT/$JOB_TAG"
 ATTEMPT_DIR="$LOG_DIR/attempt-$ATTEMPT"
 mkdir -p "$ATTEMPT_DIR" "$RUNS_ROOT"
