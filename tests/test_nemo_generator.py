@@ -25,6 +25,7 @@ from axpo_nemo.nemo.generator import (
     VllmGenerator,
     build_request,
     check_logprobs,
+    collapse_image_pads,
     cut_continuation,
     invalid_logprob_rows,
     stop_token_map,
@@ -109,9 +110,17 @@ def test_request_for_a_frozen_prefix_holds_its_tokens_and_images(proto, prompt):
     run_rollouts([source], _generator(proto, engine), [CropTool()], _loop_cfg(), protocol=proto)
     assert source.finish_reason == "answer" and len(source.images) == 2  # question + crop
 
-    # Turn 1's request is the whole trajectory so far, with both images in token order.
+    # Turn 1's request is the whole trajectory so far, with both images in token order, each
+    # image's pad run collapsed to one <|image_pad|> (vLLM expands it again from the image)
     second = engine.requests[1]
-    assert second.prompt_token_ids == source.token_ids[: source.turns[1].start]
+    so_far = source.token_ids[: source.turns[1].start]
+    assert second.prompt_token_ids == collapse_image_pads(so_far, source.images)
+    pad = proto.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert second.prompt_token_ids.count(pad) == 2 and so_far.count(pad) == sum(
+        s.image.num_tokens for s in source.images
+    )
+    assert [t for t in second.prompt_token_ids if t != pad] == [t for t in so_far if t != pad]
+    assert second.expected_prompt_len == len(so_far)
     assert [id(i) for i in second.images] == [id(s.image.image) for s in source.images]
 
     fork = fork_at_tool_call(source, 2)[0]
@@ -119,7 +128,8 @@ def test_request_for_a_frozen_prefix_holds_its_tokens_and_images(proto, prompt):
     stops = stop_token_map(proto.tokenizer, params.stop_token_texts, [proto.im_end_id])
     request = build_request(fork, params, stops, max_tokens_cap=32, max_model_len=len(fork) + 100)
     cut = source.tool_calls[0].start + 1
-    assert request.prompt_token_ids == source.token_ids[:cut]  # continued token for token
+    # continued token for token (the image's pad run collapsed on the wire)
+    assert request.prompt_token_ids == collapse_image_pads(source.token_ids[:cut], source.images[:1])
     assert request.prompt_token_ids[-1] == proto.tool_call_open_id
     assert [id(i) for i in request.images] == [id(source.images[0].image.image)]  # crop is past the cut
     assert set(request.stop_token_ids) == {proto.tool_call_close_id, proto.im_end_id}
@@ -217,3 +227,45 @@ def test_nemo_engine_requires_the_synchronous_vllm_engine():
 
     with pytest.raises(ValueError, match="async_engine: false"):
         NemoVllmEngine(Generation())
+
+
+def test_a_prompt_length_vllm_reports_otherwise_raises(proto, prompt):
+    # vLLM re-expands each collapsed placeholder from the image; if its processor makes another
+    # number of pads (other min/max pixels), the policy would sample from another context than the
+    # trainer scores: that must stop the run, not pass silently
+    class LengthEngine(ScriptEngine):
+        def __init__(self, *args, reported, **kw):
+            super().__init__(*args, **kw)
+            self.reported = reported
+
+        def run(self, requests):
+            out = super().run(requests)
+            for r, o in zip(requests, out, strict=True):
+                o.prompt_len = r.expected_prompt_len + self.reported
+            return out
+
+    base = _base(prompt, proto)
+    for offset, ok in ((0, True), (3, False)):
+        engine = LengthEngine(proto.tokenizer, [_answer("x")], proto.tool_call_close_id, base=base, reported=offset)
+        state = TrajectoryState.from_prompt(prompt, seed=1, index=0)
+        gen = _generator(proto, engine)
+        if ok:
+            run_rollouts([state], gen, [CropTool()], _loop_cfg(), protocol=proto)
+            assert state.finish_reason == "answer"
+        else:
+            with pytest.raises(RuntimeError, match=r"expanded a prompt to \d+ tokens, the trajectory has"):
+                gen.generate([state], SamplingParams(max_new_tokens=8))
+
+
+def test_the_remote_side_reports_the_prompt_length_vllm_processed():
+    from types import SimpleNamespace
+
+    from axpo_nemo.nemo._vllm_remote import _extract
+
+    logprob = SimpleNamespace(logprob=-0.25)
+    out = SimpleNamespace(
+        prompt_token_ids=list(range(17)),  # the placeholders as vLLM expanded them
+        outputs=[SimpleNamespace(token_ids=[5, 6], logprobs=[{5: logprob}, {}], finish_reason="stop")],
+    )
+    assert _extract(out) == {"token_ids": [5, 6], "logprobs": [-0.25, None], "finish_reason": "stop", "prompt_len": 17}
+    assert RawOutput.from_wire(_extract(out)).prompt_len == 17

@@ -15,8 +15,9 @@ def run_on_llm(llm: Any, requests: list[dict[str, Any]]) -> list[dict[str, Any]]
 
     Each request is ``{"prompt": {"prompt_token_ids": [...], "multi_modal_data": {...}?},
     "sampling": {SamplingParams kwargs}}``. Returns, per request, ``{"token_ids": [...],
-    "logprobs": [float | None, ...], "finish_reason": str}``; a logprob is None when vLLM
-    returned none for that token (it is never replaced by a number here).
+    "logprobs": [float | None, ...], "finish_reason": str, "prompt_len": int}``; a logprob is
+    None when vLLM returned none for that token (it is never replaced by a number here);
+    ``prompt_len`` is the prompt as vLLM processed it (image placeholders expanded).
     """
     from vllm import SamplingParams
 
@@ -45,4 +46,10 @@ def _extract(output: Any) -> dict[str, Any]:
         entry = per_token[i] if per_token is not None and i < len(per_token) else None
         value = entry.get(token) if entry else None
         logprobs.append(None if value is None else float(value.logprob))
-    return {"token_ids": token_ids, "logprobs": logprobs, "finish_reason": str(completion.finish_reason)}
+    prompt_ids = getattr(output, "prompt_token_ids", None)
+    return {
+        "token_ids": token_ids,
+        "logprobs": logprobs,
+        "finish_reason": str(completion.finish_reason),
+        "prompt_len": None if prompt_ids is None else len(prompt_ids),
+    }

@@ -13,9 +13,8 @@ agent loop needs:
   for the whole batch and uses the config's ``max_new_tokens`` for every row; the async worker is
   per sample but also goes through the same prompt formatting.
 
-So each request here is a vLLM ``TokensPrompt`` — ``prompt_token_ids`` (image pads already
-expanded, as our protocol builds them; vLLM recognises expanded placeholders) plus
-``multi_modal_data`` with the trajectory's images in token order — and carries its own
+So each request here is a vLLM ``TokensPrompt`` — ``prompt_token_ids`` plus ``multi_modal_data``
+with the trajectory's images in token order — and carries its own
 ``SamplingParams``: ``stop_token_ids`` (the turn's stop tokens and EOS), ``max_tokens`` (the
 state's remaining budget), temperature, top_p, a per-trajectory seed and ``logprobs=0``. The
 requests run on NeMo-RL's own engines: `NemoVllmEngine` sends them to every data-parallel leader
@@ -23,6 +22,17 @@ of the ``VllmGeneration`` through Ray's ``__ray_call__`` with `_vllm_remote.run_
 value), which calls ``worker.llm.generate(prompts, [params per prompt])``. Refit, sleep/wake and
 prefix caching stay NeMo-RL's (``enable_prefix_caching`` is on in our configs, so the K forks of a
 prefix and the N rollouts of a question share their prompt's KV blocks).
+
+**Image placeholders.** vLLM expects one ``<|image_pad|>`` per image in a token prompt
+(Qwen-VL's ``get_placeholder_str`` in ``vllm/model_executor/models/qwen2_vl.py`` / ``qwen3_vl.py``)
+and expands it itself: a token prompt is always marked "updates not applied"
+(``vllm/multimodal/processing/processor.py``), so a run already expanded by our protocol would be
+expanded again (measured on vLLM 0.20's ``apply_token_matches``: 4 pads became 7, and a second
+image's placeholder landed inside the first's run, silently). So the wire prompt collapses each
+image's pad run to one pad (`collapse_image_pads`; the training ids stay expanded), and every
+output must report the prompt length vLLM expanded it back to: anything but the state's length
+(e.g. other min/max pixels on the engine's processor) raises instead of sampling from another
+context than the policy is trained on.
 
 **Stops.** Stops are exact per sample: vLLM stops each request at its own stop tokens, and
 `cut_continuation` re-applies each state's own stops and budget to what came back (first stop
@@ -73,7 +83,8 @@ class VllmRequest:
     """One trajectory's next turn as a vLLM request.
 
     Attributes:
-        prompt_token_ids: the state's tokens, image pads expanded.
+        prompt_token_ids: the state's tokens, each image's pad run collapsed to one pad.
+        expected_prompt_len: the state's length, what vLLM must expand the prompt back to.
         images: the state's images in token order (PIL).
         max_tokens: tokens to sample at most (>= 1).
         stop_token_ids: tokens that end the turn (kept in the output).
@@ -90,6 +101,7 @@ class VllmRequest:
     top_p: float
     seed: int
     ignore_eos: bool = False
+    expected_prompt_len: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The request as plain data for `_vllm_remote.run_on_llm` (a TokensPrompt + SamplingParams kwargs)."""
@@ -112,16 +124,22 @@ class VllmRequest:
 
 @dataclass
 class RawOutput:
-    """What an engine sampled for one request: tokens, per-token logprob (None: missing), reason."""
+    """What an engine sampled for one request: tokens, per-token logprob (None: missing), reason,
+    and the length of the prompt as the engine saw it (None: not reported)."""
 
     token_ids: list[int]
     logprobs: list[float | None]
     finish_reason: str = "stop"
+    prompt_len: int | None = None
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> RawOutput:
         """From `_vllm_remote.run_on_llm`'s dict."""
-        return cls(list(data["token_ids"]), list(data["logprobs"]), str(data.get("finish_reason", "stop")))
+        prompt_len = data.get("prompt_len")
+        return cls(
+            list(data["token_ids"]), list(data["logprobs"]), str(data.get("finish_reason", "stop")),
+            None if prompt_len is None else int(prompt_len),
+        )  # fmt: skip
 
 
 @dataclass
@@ -161,6 +179,19 @@ def stop_token_map(tokenizer, texts: Sequence[str], eos_ids: Sequence[int] = ())
     return out
 
 
+def collapse_image_pads(token_ids: Sequence[int], images: Sequence[Any]) -> list[int]:
+    """``token_ids`` with each image slot's run of pad tokens collapsed to one pad (its first):
+    the token prompt vLLM expects, one ``<|image_pad|>`` per image between vision start and end."""
+    out: list[int] = []
+    pos = 0
+    for slot in sorted(images, key=lambda s: s.start):
+        out.extend(token_ids[pos : slot.start])
+        out.append(token_ids[slot.start])
+        pos = slot.end
+    out.extend(token_ids[pos:])
+    return out
+
+
 def build_request(
     state: TrajectoryState,
     params: SamplingParams,
@@ -186,7 +217,8 @@ def build_request(
         return None
     images = [slot.image.image for slot in sorted(state.images, key=lambda s: s.start)]
     return VllmRequest(
-        prompt_token_ids=list(state.token_ids),
+        prompt_token_ids=collapse_image_pads(state.token_ids, state.images),
+        expected_prompt_len=len(state),
         images=images,
         max_tokens=budget,
         stop_token_ids=tuple(sorted(stops)),
@@ -344,6 +376,13 @@ class VllmGenerator:
             raise RuntimeError(f"the vLLM engine returned {len(raws)} outputs for {len(todo)} requests")
         self.stats.requests += len(todo)
         for (i, request, stops), raw in zip(todo, raws, strict=True):
+            expected = request.expected_prompt_len
+            if raw.prompt_len is not None and expected is not None and raw.prompt_len != expected:
+                raise RuntimeError(
+                    f"vLLM expanded a prompt to {raw.prompt_len} tokens, the trajectory has {expected}: "
+                    "its image placeholders do not match the policy's (check the processor's min/max "
+                    "pixels on both sides)"
+                )
             cont, cut = cut_continuation(raw, stops, request.max_tokens)
             cont.logprobs, bad = check_logprobs(cont.logprobs)
             self.stats.cut_tokens += cut
