@@ -148,11 +148,12 @@ _SCRIPT_CONFIG = re.compile(r"AXPO_CONFIG=\$\{AXPO_CONFIG:-([^}]+)\}")
 
 
 def script_config(script: str) -> str:
-    """The config a job script runs: ``$AXPO_CONFIG`` if set, else the script's own default."""
+    """The config a job script runs: ``$AXPO_CONFIG`` if set, else the script's own default, else
+    slurm/launch.sh's (``demo``)."""
     if os.environ.get("AXPO_CONFIG"):
         return os.environ["AXPO_CONFIG"]
     m = _SCRIPT_CONFIG.search(Path(script).read_text(encoding="utf-8", errors="replace"))
-    return m.group(1) if m else "axpo"
+    return m.group(1) if m else "demo"
 
 
 def check_points(config: str, points: list[Point]) -> list[str]:

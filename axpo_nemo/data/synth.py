@@ -112,27 +112,23 @@ DIGIT_GLYPHS: dict[int, tuple[str, ...]] = {
     9: ("111", "101", "111", "001", "111"),
 }
 
-# search_fact relations (the name is also the query's keyword): question, passage, extra accepted answers.
+# search_fact relations (the name is also the query's keyword): question and passage templates.
 RELATIONS: dict[str, dict[str, Any]] = {
     "capital": {
         "question": "What is the capital of {e}?",
         "passage": "The capital of {e} is {v}.",
-        "candidates": (),
     },
     "currency": {
         "question": "What currency is used in {e}?",
         "passage": "The currency of {e} is the {v}.",
-        "candidates": ("{v}s",),
     },
     "river": {
         "question": "Which river flows through {e}?",
         "passage": "The main river of {e} is the {v}.",
-        "candidates": ("{v} River",),
     },
     "ruler": {
         "question": "Who rules {e}?",
         "passage": "The ruler of {e} is Queen {v}.",
-        "candidates": ("Queen {v}",),
     },
 }
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "qu", "st", "th", "zh")  # fmt: skip

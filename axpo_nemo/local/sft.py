@@ -228,13 +228,14 @@ class SFTTrainer(ResumableTrainer):
                 samples, data_root, tools, protocol, loop_cfg, cfg.max_tokens, declare_tools=False
             )
         self.short_batches_per_epoch = math.ceil(len(self.short_examples) / cfg.batch_size)
+        self._short_batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
         #: the step at which SFT on full prompts starts (after the copy and short-context warm-ups)
-        self.warmup_steps = cfg.copy_warmup_steps + cfg.short_context_epochs * self.short_batches_per_epoch
+        self.full_prompt_start = cfg.copy_warmup_steps + cfg.short_context_epochs * self.short_batches_per_epoch
         self.vocab_limit = min(bundle.tokenizer.all_special_ids or [len(bundle.tokenizer)])
         # the digits and the space around them: numbers are what SFT copies most
         digit_ids = {t for c in "0123456789 " for t in bundle.tokenizer.encode(c, add_special_tokens=False)}
         self.copy_alphabet = torch.tensor(sorted(digit_ids))
-        self.total_steps = self.warmup_steps + (cfg.steps or cfg.epochs * self.batches_per_epoch)
+        self.total_steps = self.full_prompt_start + (cfg.steps or cfg.epochs * self.batches_per_epoch)
         self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay)
         self.scheduler = WarmupCosineSchedule(
             self.optimizer, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio
@@ -257,17 +258,16 @@ class SFTTrainer(ResumableTrainer):
 
     def _warmup_batch(self) -> list[SFTExample] | None:
         """The short-context examples of this step, or None past the short-context epochs."""
-        k = self.step_count - self.cfg.copy_warmup_steps
-        if k >= self.warmup_steps - self.cfg.copy_warmup_steps:
+        if self.step_count >= self.full_prompt_start:
             return None
-        epoch, position = divmod(k, self.short_batches_per_epoch)
-        lengths = [len(e) for e in self.short_examples]
-        bucket = self.cfg.bucket_batches if self.cfg.bucket_by_length else None
-        # other epoch numbers than the main phase's, so the two orders differ
-        batch = epoch_batches(lengths, self.cfg.batch_size, self.cfg.seed, 1_000_000 + epoch, bucket)[
-            position
-        ]
-        return [self.short_examples[i] for i in batch]
+        epoch, position = divmod(self.step_count - self.cfg.copy_warmup_steps, self.short_batches_per_epoch)
+        if self._short_batches is None or self._short_batches[0] != epoch:
+            lengths = [len(e) for e in self.short_examples]
+            bucket = self.cfg.bucket_batches if self.cfg.bucket_by_length else None
+            # other epoch numbers than the main phase's, so the two orders differ
+            order = epoch_batches(lengths, self.cfg.batch_size, self.cfg.seed, 1_000_000 + epoch, bucket)
+            self._short_batches = (epoch, order)
+        return [self.short_examples[i] for i in self._short_batches[1][position]]
 
     def _copy_step(self) -> float:
         """One copy warm-up step's loss and backward (the caller steps the optimizer)."""
