@@ -10,7 +10,6 @@ Where NeMo-RL imports, the last test also validates the dicts with its own Maste
 from __future__ import annotations
 
 import functools
-import sys
 
 import pytest
 
@@ -249,7 +248,6 @@ def test_deep_merge_does_not_alias_inputs():
 
 
 @pytest.mark.nemo_rl
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="nemo_rl.algorithms.grpo/sft need Python >= 3.12")
 def test_nemo_rl_master_configs_accept_our_dicts():
     pytest.importorskip("nemo_rl")
     from nemo_rl.algorithms.grpo import MasterConfig as GRPOMasterConfig

@@ -2,7 +2,8 @@
 
 Each test binds the arguments the backend passes (same names, same positional count) to the
 signature of the NeMo-RL object it calls, so a renamed or added required argument fails here
-instead of on a cluster. Needs NeMo-RL importable (and Python >= 3.12 for its algorithm modules).
+instead of on a cluster. Needs NeMo-RL importable (on Python 3.11 through the TypedDict shim in
+conftest.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,10 +19,7 @@ import pytest
 from axpo_nemo.config import load_config
 from axpo_nemo.nemo.master_config import build_master_config, build_sft_master_config
 
-pytestmark = [
-    pytest.mark.nemo_rl,
-    pytest.mark.skipif(sys.version_info < (3, 12), reason="nemo_rl.algorithms.grpo/sft need Python >= 3.12"),
-]
+pytestmark = pytest.mark.nemo_rl
 pytest.importorskip("nemo_rl")
 
 CLUSTER_CONFIGS = sorted(
