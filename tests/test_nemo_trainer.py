@@ -113,26 +113,30 @@ def _image(seed):
     return Image.fromarray(torch.randint(0, 256, (48, 64, 3), generator=gen, dtype=torch.uint8).numpy())
 
 
-@pytest.fixture()
-def setup(tmp_path):
+def _trainer(data_root, policy, generation, refit) -> NemoRLTrainer:
     proto = ChatProtocol(build_tiny_processor(build_tiny_tokenizer()))
     for i in range(2):
-        _image(i).save(tmp_path / f"q{i}.png")
+        _image(i).save(data_root / f"q{i}.png")
     questions = [
         Sample(id="a", question="alpha: what?", answer="right", images=["q0.png"]),
         Sample(id="b", question="beta: what?", answer="yes", images=["q1.png"]),
     ]
     base = proto.build_prompt("x", [_image(0)], [CropTool()]).token_ids.count(proto.tool_call_close_id)
-    policy, generation, refits = Policy(), Generation(), []
     generator = VllmGenerator(Engine(proto, base), proto.tokenizer, eos_ids=[proto.im_end_id])
-    trainer = NemoRLTrainer(
-        policy=policy, generation=generation, refit=lambda: refits.append(1), generator=generator,
-        tools={"crop": CropTool()}, protocol=proto, loss_fn="loss", questions=questions, data_root=tmp_path,
+    return NemoRLTrainer(
+        policy=policy, generation=generation, refit=refit, generator=generator,
+        tools={"crop": CropTool()}, protocol=proto, loss_fn="loss", questions=questions, data_root=data_root,
         algorithm="axpo", axpo_cfg=AXPOConfig(r=0.5, k=2), adv_cfg=AdvantageConfig(), loss_cfg=LossConfig(kl_coef=0.0),
         reward_cfg=RewardConfig(), loop_cfg=AgentLoopConfig(max_new_tokens=64, max_total_tokens=4096),
         questions_per_step=2, group_size=2, global_batch_size=4, pad_token_id=proto.tokenizer.pad_token_id or 0,
         to_train_data=lambda d: {**d.tensors, **d.multimodal},
     )  # fmt: skip
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    policy, generation, refits = Policy(), Generation(), []
+    trainer = _trainer(tmp_path, policy, generation, lambda: refits.append(1))
     return trainer, policy, generation, refits
 
 
@@ -219,3 +223,165 @@ def test_sft_message_log_rebuilds_the_trajectory(setup):
     datum = SFTDataset([state])[0]
     assert datum["length"] == len(state.token_ids) and datum["loss_multiplier"] == 1.0
     assert datum["task_name"] == "axpo_sft" and len(datum["message_log"]) == 4
+
+
+# --- wake / offload order against NeMo-RL v0.7.0's grpo_train ---------------------------------
+
+
+class RecordingPolicy(Policy):
+    """`Policy` that writes every NeMo-RL call that moves memory (and the train/save calls) to ``log``."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def prepare_for_lp_inference(self):
+        self.log.append("policy.prepare_for_lp_inference")
+
+    def prepare_for_training(self):
+        self.log.append("policy.prepare_for_training")
+
+    def offload_before_refit(self):
+        self.log.append("policy.offload_before_refit")
+
+    def offload_after_refit(self):
+        self.log.append("policy.offload_after_refit")
+
+    def train(self, data, loss_fn):
+        self.log.append("policy.train")
+        return super().train(data, loss_fn)
+
+    def save_checkpoint(self, **kwargs):
+        self.log.append("policy.save_checkpoint")
+
+    # what v0.7.0's refit_policy_generation asks of a colocated policy
+    def get_free_memory_bytes(self):
+        return 1 << 30
+
+    def stream_weights_via_ipc_zmq(self, buffer_size_bytes):
+        self.log.append("policy.stream_weights_via_ipc_zmq")
+        return []
+
+
+class RecordingGeneration:
+    """A vLLM generation interface that writes its calls to ``log``."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def prepare_for_generation(self, tags=None):
+        self.log.append("generation.prepare_for_generation" + (f"({','.join(tags)})" if tags else ""))
+
+    def finish_generation(self):
+        self.log.append("generation.finish_generation")
+
+    def update_weights_via_ipc_zmq(self):
+        self.log.append("generation.update_weights_via_ipc_zmq")
+        return [True]
+
+
+class Checkpointer:
+    save_optimizer = True
+
+    def __init__(self, root, log):
+        self.root, self.log = root, log
+
+    def init_tmp_checkpoint(self, step, save_state, master_config):
+        self.log.append("checkpointer.init_tmp_checkpoint")
+        path = self.root / f"tmp_step_{step}"
+        path.mkdir()
+        return str(path)
+
+    def finalize_checkpoint(self, path):
+        self.log.append("checkpointer.finalize_checkpoint")
+
+
+class Dataloader:
+    def state_dict(self):
+        return {}
+
+
+#: ``grpo_train``'s calls (NeMo-RL v0.7.0, nemo_rl/algorithms/grpo.py) for one step, a validation
+#: and a checkpoint, then the next step's wake, with colocated vLLM. REFIT is what the stub refit
+#: records; `test_wake_order_with_v070s_own_refit` runs v0.7.0's refit_policy_generation instead.
+REFIT = ["refit"]
+#: refit_policy_generation, lines 1876 (offload_before_refit), 1880 (prepare, tags weights), 1924 and 1927
+#: (stream to vLLM), 1962 (offload_after_refit), 1966 (prepare, tags kv_cache).
+V070_REFIT = [
+    "policy.offload_before_refit",
+    "generation.prepare_for_generation(weights)",
+    "policy.stream_weights_via_ipc_zmq",
+    "generation.update_weights_via_ipc_zmq",
+    "policy.offload_after_refit",
+    "generation.prepare_for_generation(kv_cache)",
+]
+
+
+def expected_order(refit: list[str]) -> list[str]:
+    """v0.7.0's grpo_train: step, validation, checkpoint, next step's wake (line numbers inline)."""
+    after_generation = [
+        "generation.finish_generation",  # 2400, after the rollouts
+        "policy.prepare_for_lp_inference",  # 2602
+        "policy.prepare_for_training",  # 2726, then POLICY_GENERATION_STALE = True
+        "policy.train",  # 2731
+    ]
+    return [
+        *refit,  # 2282-2322: stale, so refit (it wakes vLLM)
+        *after_generation,
+        *refit,  # 2762-2770: validation after a training step refits
+        "validate",  # 2775
+        "generation.finish_generation",  # 2784
+        "policy.prepare_for_training",  # 2886: the checkpoint reloads the optimizer onto the GPU
+        "checkpointer.init_tmp_checkpoint",  # 2933
+        "policy.save_checkpoint",  # 2936
+        "checkpointer.finalize_checkpoint",  # 2967
+        # 2323-2326: the weights are current (not stale), so no refit; colocated, so the optimizer
+        # goes off the GPU *before* vLLM wakes
+        "policy.offload_after_refit",
+        "generation.prepare_for_generation",
+        *after_generation,
+    ]
+
+
+def _step_validate_checkpoint_step(tmp_path, refit_with) -> list[str]:
+    from axpo_nemo.nemo.trainer import save_checkpoint
+
+    log: list[str] = []
+    policy, generation = RecordingPolicy(log), RecordingGeneration(log)
+    (tmp_path / "data").mkdir()
+    trainer = _trainer(tmp_path / "data", policy, generation, lambda: refit_with(policy, generation, log))
+    runtime = {
+        "checkpointer": Checkpointer(tmp_path, log), "policy": policy, "save_state": {},
+        "master_config": type("Master", (), {"checkpointing": {"enabled": True}})(), "dataloader": Dataloader(),
+    }  # fmt: skip
+    trainer.step()
+    assert trainer.validate(lambda: log.append("validate") or "report") == "report"
+    save_checkpoint(runtime, trainer)
+    trainer.step()
+    return log
+
+
+def test_wake_after_validation_and_checkpoint_offloads_the_optimizer_first(tmp_path):
+    log = _step_validate_checkpoint_step(tmp_path, lambda policy, generation, log: log.append("refit"))
+    assert log == expected_order(REFIT)
+
+
+def test_a_wake_without_colocation_leaves_the_optimizer(tmp_path):
+    log: list[str] = []
+    trainer = _trainer(tmp_path, RecordingPolicy(log), RecordingGeneration(log), lambda: log.append("refit"))
+    trainer.colocated, trainer.stale = False, False  # v0.7.0 offloads only when colocated (2324)
+    trainer.wake()
+    assert log == ["generation.prepare_for_generation"]
+
+
+@pytest.mark.nemo_rl
+def test_wake_order_with_v070s_own_refit(tmp_path, monkeypatch):
+    pytest.importorskip("nemo_rl")
+    from nemo_rl.algorithms import grpo
+
+    monkeypatch.setattr(grpo.ray, "get", lambda refs: refs)  # the stubs return results, not refs
+
+    def refit(policy, generation, log):
+        grpo.refit_policy_generation(policy, generation, True, _refit_buffer_size_gb=None)
+
+    assert _step_validate_checkpoint_step(tmp_path, refit) == expected_order(V070_REFIT)

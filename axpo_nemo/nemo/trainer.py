@@ -4,7 +4,9 @@ One `NemoRLTrainer.step` (DESIGN.md §1; the local trainer's step, with NeMo-RL 
 
 1. **Refit / wake.** After a training step the vLLM weights are stale: NeMo-RL's
    ``refit_policy_generation`` streams the Megatron weights into the colocated engines (and wakes
-   them); otherwise ``prepare_for_generation`` wakes them.
+   them); otherwise ``prepare_for_generation`` wakes them, after ``offload_after_refit`` has moved
+   a colocated policy's optimizer and gradients off the GPU (a checkpoint put them back), in
+   ``grpo_train``'s order.
 2. **Rollouts.** B questions in the seeded order of the local trainer, N rollouts each, through
    the shared agent loop (`run_rollouts`) with the vLLM `Generator` and the Ray tool pool;
    rewards with `score_answer`.
@@ -87,10 +89,12 @@ class NemoRLTrainer:
 
     Args:
         policy: NeMo-RL ``Policy`` (``get_logprobs``, ``get_reference_policy_logprobs``, ``train``,
-            ``prepare_for_lp_inference``, ``prepare_for_training``).
+            ``prepare_for_lp_inference``, ``prepare_for_training``, ``offload_after_refit``).
         generation: NeMo-RL ``VllmGeneration`` (``prepare_for_generation``, ``finish_generation``).
         refit: pushes the policy's weights into ``generation`` and wakes it (NeMo-RL's
             ``refit_policy_generation`` bound to the run's settings).
+        colocated: vLLM shares the policy's GPUs (``generation.colocated.enabled``): a wake
+            without refit offloads the policy's optimizer first (``offload_after_refit``).
         generator: the agent loop's `Generator` on ``generation`` (`VllmGenerator`).
         tools: tools by name (the Ray tool pool).
         protocol: chat protocol of the policy's processor.
@@ -131,6 +135,7 @@ class NemoRLTrainer:
         pad_token_id: int = 0,
         seed: int = 0,
         to_train_data: Callable | None = None,
+        colocated: bool = True,
     ) -> None:
         if algorithm not in ("axpo", "grpo"):
             raise ValueError(f"NemoRLTrainer: algorithm must be 'axpo' or 'grpo', got {algorithm!r}")
@@ -150,6 +155,7 @@ class NemoRLTrainer:
 
             to_train_data = to_batched_data_dict
         self.to_train_data = to_train_data
+        self.colocated = bool(colocated)
         self.order = QuestionOrder(len(self.questions), self.seed)
         self.fingerprint = dataset_fingerprint(q.id for q in self.questions)
         self.step_count = 0
@@ -160,12 +166,33 @@ class NemoRLTrainer:
     # -- generation --------------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Make vLLM generate with the current policy: refit when stale, else just wake it."""
+        """Make vLLM generate with the current policy: refit when stale, else wake it.
+
+        The order is ``grpo_train``'s (NeMo-RL v0.7.0, before rollouts and before validation): a
+        refit offloads the policy itself; without one, a colocated policy's optimizer and gradients
+        go to the CPU (``offload_after_refit``) before vLLM wakes. That case is the step after a
+        validation and a checkpoint: the validation refitted, the checkpoint's
+        ``prepare_for_training`` reloaded the optimizer, and the weights are still current.
+        """
         if self.stale:
             self.refit()
             self.stale = False
         else:
+            if self.colocated:
+                self.policy.offload_after_refit()
             self.generation.prepare_for_generation()
+
+    def validate(self, run: Callable[[], Any]) -> Any:
+        """Run ``run()`` (an evaluation through the generator) with vLLM awake; returns its result.
+
+        `wake` first (a refit after a training step), ``finish_generation`` after, as
+        ``grpo_train`` wraps its ``validate``.
+        """
+        self.wake()
+        try:
+            return run()
+        finally:
+            self.generation.finish_generation()
 
     def _tools_for(self, sample: Sample) -> dict[str, Tool]:
         if not sample.allowed_tools:
@@ -448,7 +475,7 @@ def run_training(cfg, cfg_tree=None) -> int:
             reward_cfg=cfg.reward, loop_cfg=loop_cfg, questions_per_step=cfg.rollout.questions_per_step,
             group_size=cfg.rollout.group_size, global_batch_size=train_global_batch_size(cfg),
             seq_multiple=make_sequence_length_divisible_by(cfg), pad_token_id=tokenizer.pad_token_id or 0,
-            seed=cfg.seed,
+            seed=cfg.seed, colocated=colocated,
         )  # fmt: skip
         if save_state and "axpo" in save_state:
             trainer.load_state_dict(save_state["axpo"])
@@ -466,14 +493,12 @@ def run_training(cfg, cfg_tree=None) -> int:
                 nemo_logger.log_metrics(metrics, step, prefix="train")
                 last = step >= cfg.rl.steps
                 if cfg.nemo.val_period and val_questions and (step % cfg.nemo.val_period == 0 or last):
-                    trainer.wake()
-                    try:
-                        report = evaluate(
+                    report = trainer.validate(
+                        lambda: evaluate(
                             generator, protocol, tools, val_questions, val_path.parent, cfg.eval, loop_cfg,
                             reward_cfg=cfg.reward,
-                        )  # fmt: skip
-                    finally:
-                        generation.finish_generation()
+                        )
+                    )  # fmt: skip
                     summary = report.summary()
                     metrics_log.log(step, summary, phase="eval")
                     nemo_logger.log_metrics(summary, step, prefix="validation")
