@@ -370,6 +370,85 @@ def test_image_token_count_must_match_the_grids():
     assert build(batch, adv, images, global_batch_size=2, image_token_id=IMG).num_rows == 2
 
 
+VSTART, VEND = 901, 902  # <|vision_start|>, <|vision_end|> in the image tests
+
+
+def test_padding_rows_carry_one_minimal_image_when_the_step_has_images():
+    # Without the vision ids, a padding row has no image: a DP rank whose last micro-batch holds
+    # only such rows runs no vision tower (tests/test_nemo_contracts.py, on NeMo-RL's sharding).
+    rollouts = [image_rollout(0, [4, 2], 1.0), image_rollout(0, [1], 0.0), no_tool_rollout(0, 0.0)]
+    batch = core.RolloutBatch.from_rollouts(rollouts)
+    adv = core.assemble_advantages(batch)
+    images = [[image(1, 4, 4, 0), image(1, 2, 4, 1)], [image(1, 2, 2, 2)], []]
+    data = build(batch, adv, images, global_batch_size=8, image_token_id=IMG, vision_start_id=VSTART,
+                 vision_end_id=VEND)  # fmt: skip
+    t, mm, pad = data.tensors, data.multimodal, slice(3, 8)
+    assert data.num_pad_rows == 5 and t["input_lengths"][pad].tolist() == [3] * 5
+    assert t["input_ids"][pad, :3].tolist() == [[VSTART, IMG, VEND]] * 5 and t["input_ids"][pad, 3:].eq(PAD).all()
+    assert t["mm_token_type_ids"][pad].sum(dim=1).tolist() == [1] * 5
+    for row in range(3, 8):  # the first 2x2 patch window of the step's first image: one token
+        torch.testing.assert_close(mm["pixel_values"][row], images[0][0]["pixel_values"][:4])
+        assert mm["image_grid_thw"][row].tolist() == [[1, 2, 2]]
+    # still zero weight
+    assert t["sample_mask"][pad].eq(0).all() and t["token_mask"][pad].eq(0).all()
+    assert t["advantages"][pad].eq(0).all() and t["generation_logprobs"][pad].eq(0).all()
+    assert mm["pixel_values"][2] is None  # a real row without images stays without
+    # a text-only step keeps one-token padding rows
+    text_batch, text_adv = axpo_step()  # 12 rows
+    text_only = build(text_batch, text_adv, global_batch_size=16, image_token_id=IMG, vision_start_id=VSTART,
+                      vision_end_id=VEND)  # fmt: skip
+    assert text_only.multimodal == {} and text_only.tensors["input_lengths"][12:].tolist() == [1] * 4
+    with pytest.raises(ValueError, match="must differ"):
+        build(batch, adv, images, global_batch_size=8, image_token_id=IMG, vision_start_id=IMG, vision_end_id=VEND)
+
+
+def test_padding_row_images_leave_the_real_rows_logits_unchanged():
+    # A real Qwen3-VL (tiny) forward: the padding rows' images go through the vision tower and the
+    # M-RoPE index (which walks image_grid_thw across the batch) without touching the real rows.
+    from PIL import Image
+
+    from axpo_nemo.agent.protocol import VISION_END, VISION_START, ChatProtocol
+    from axpo_nemo.models.qwen3vl import build_tiny_qwen3vl
+
+    bundle = build_tiny_qwen3vl(seed=0)
+    proto = ChatProtocol(bundle.processor)
+    rollouts, images = [], []
+    for i, size in enumerate([(48, 64), (64, 32)]):
+        gen = torch.Generator().manual_seed(i)
+        pixels = torch.randint(0, 256, (*size, 3), generator=gen, dtype=torch.uint8).numpy()
+        prompt = proto.build_prompt(f"question {i}", [Image.fromarray(pixels)])
+        answer = proto.tokenizer("an answer", add_special_tokens=False)["input_ids"]
+        ids = prompt.token_ids + answer
+        gen_mask = [False] * len(prompt.token_ids) + [True] * len(answer)
+        rollouts.append(core.Rollout(group=0, token_ids=ids, prompt_len=len(prompt.token_ids), generated=gen_mask,
+                                     logprobs=[-0.5 * g for g in gen_mask], reward=float(i), correct=bool(i)))  # fmt: skip
+        slot = prompt.images[0].image
+        images.append([{"pixel_values": slot.pixel_values, "image_grid_thw": slot.grid_thw}])
+    batch = core.RolloutBatch.from_rollouts(rollouts, pad_id=proto.tokenizer.pad_token_id)
+    adv = core.assemble_advantages(batch)
+    data = build_train_data(
+        batch, adv.advantages, adv.loss_mask, images, global_batch_size=4, pad_token_id=proto.tokenizer.pad_token_id,
+        image_token_id=proto.image_pad_id, spatial_merge_size=proto.merge_size,
+        vision_start_id=proto.ids[VISION_START], vision_end_id=proto.ids[VISION_END],
+    )  # fmt: skip
+    assert data.num_pad_rows == 2
+
+    def logits(rows: int) -> torch.Tensor:
+        t, mm = data.tensors, data.multimodal
+        mask = torch.arange(data.seq_len)[None, :] < t["input_lengths"][:rows, None]
+        with torch.no_grad():
+            return bundle.model(
+                input_ids=t["input_ids"][:rows], attention_mask=mask.long(), mm_token_type_ids=t["mm_token_type_ids"][:rows],
+                pixel_values=torch.cat(mm["pixel_values"][:rows]), image_grid_thw=torch.cat(mm["image_grid_thw"][:rows]),
+            ).logits  # fmt: skip
+
+    with_pads, alone = logits(4), logits(2)
+    for row in range(2):
+        n = int(data.tensors["input_lengths"][row])
+        torch.testing.assert_close(with_pads[row, :n], alone[row, :n], rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(with_pads[2:, :3]).all()
+
+
 @pytest.mark.skipif(adapter.nemo_rl_available(), reason="NeMo-RL is importable here")
 def test_to_batched_data_dict_without_nemo_rl_says_what_is_missing():
     batch, adv = axpo_step()

@@ -251,8 +251,9 @@ def _megatron_cfg(cfg: Config, optimizer: dict[str, Any], scheduler: dict[str, A
         "scheduler": scheduler,
         "distributed_data_parallel_config": {
             "grad_reduce_in_fp32": meg.grad_reduce_in_fp32,
-            # False for vision-language models, as in every v0.7.0 VLM Megatron recipe: an AXPO
-            # padding row has no image, and a last micro-batch without one fails finish_grad_sync
+            # False for vision-language models, as in every v0.7.0 VLM Megatron recipe: a last
+            # micro-batch without an image fails finish_grad_sync (padding rows carry an image, see
+            # train_data.py, but a text-only question's rows can still make one)
             "overlap_grad_reduce": False,
             "overlap_param_gather": True,
             "use_custom_fsdp": False,

@@ -16,8 +16,14 @@ The contract (docs/nemo_loss.md has the full table):
 * Rows. The step's R rows in order (originals, then resampled), then zero-weight padding rows up to
   a multiple of ``global_batch_size`` (``shard_by_batch_size`` asserts divisibility). Rows are
   never dropped: a row excluded from the loss (e.g. non-finite logprobs) keeps its place with an
-  all-zero token mask and ``sample_mask`` 0. A padding row is one ``pad_token_id`` token, no image,
-  ``token_mask`` 0 and ``sample_mask`` 0.
+  all-zero token mask and ``sample_mask`` 0. A padding row has ``token_mask`` 0 and ``sample_mask``
+  0 and is one ``pad_token_id`` token, or, when the step has images and the vision token ids are
+  given, one minimal image: ``<|vision_start|><|image_pad|><|vision_end|>`` with the first
+  merge² patch rows of the step's first image (grid ``(1, merge, merge)``, one token). NeMo-RL
+  cuts micro-batches from the rows however its batching mode says (fixed size: contiguous slices,
+  so trailing padding rows fill a DP rank's last micro-batches; sequence packing: a bin made only
+  of padding rows), so an image in every padding row is what keeps the vision tower in every
+  micro-batch of an image step, which Megatron's overlapped gradient reduce needs.
 * Multimodal (Qwen3-VL). Per row, ``pixel_values`` is the row's images' patch rows concatenated in
   the order the images appear in its tokens (question image first, then tool-result images), and
   ``image_grid_thw`` is ``[n_i, 3]``, one (t, h, w) row per image; a row without images holds
@@ -129,6 +135,8 @@ def build_train_data(
     seq_multiple: int = 1,
     image_token_id: int | None = None,
     spatial_merge_size: int = 2,
+    vision_start_id: int | None = None,
+    vision_end_id: int | None = None,
 ) -> NemoTrainData:
     """Translate a step's rollouts into NeMo-RL train data (module docstring: the contract).
 
@@ -148,6 +156,9 @@ def build_train_data(
             image tokens) is added and each row's image-token count is checked against its grids.
         spatial_merge_size: the vision merger's patch merge (2 for Qwen3-VL): an image takes
             t·h·w / merge² tokens.
+        vision_start_id, vision_end_id: ``<|vision_start|>`` and ``<|vision_end|>``. With these and
+            ``image_token_id``, a step with images gets padding rows that each hold one minimal
+            image (module docstring), so every micro-batch carries an image.
 
     Raises:
         ValueError: naming the bad input — shape or dtype mismatches, a loss token outside a row or
@@ -201,7 +212,38 @@ def build_train_data(
                 "from the loss (assemble_advantages row_mask) instead"
             )
 
-    seq_len = _round_up(max(int(lengths.max()), 1), seq_multiple)
+    row_pixels: list[torch.Tensor | None] = [None] * rows
+    row_grids: list[torch.Tensor | None] = [None] * rows
+    patch_dim, pixel_dtype = None, None
+    for row, row_images in enumerate(images):
+        if len(row_images):
+            row_pixels[row], row_grids[row] = _row_images(row, row_images, patch_dim, pixel_dtype)
+            patch_dim, pixel_dtype = row_pixels[row].shape[1], row_pixels[row].dtype
+    # A padding row's minimal image: one merged token, the first merge x merge patch window
+    # (Qwen-VL orders patch rows window by window, so the first merge² rows are one window).
+    pad_image = None
+    vision_ids = (image_token_id, vision_start_id, vision_end_id)
+    if patch_dim is not None and all(i is not None for i in vision_ids):
+        if len(set(vision_ids) | {pad_token_id}) != 4:
+            raise ValueError(
+                f"build_train_data: image_token_id, vision_start_id, vision_end_id and pad_token_id must "
+                f"differ, got {vision_ids} and {pad_token_id}"
+            )
+        first = next(r for r in range(rows) if row_pixels[r] is not None)
+        merge = spatial_merge_size**2
+        if row_pixels[first].shape[0] < merge:
+            raise ValueError(
+                f"build_train_data: row {first}'s first image has fewer than {merge} patch rows "
+                f"(spatial_merge_size {spatial_merge_size})"
+            )
+        pad_image = (
+            torch.tensor([vision_start_id, image_token_id, vision_end_id], dtype=torch.long),
+            row_pixels[first][:merge].clone(),
+            torch.tensor([[1, spatial_merge_size, spatial_merge_size]], dtype=torch.long),
+        )
+    pad_len = 1 if pad_image is None else len(pad_image[0])
+
+    seq_len = _round_up(max(int(lengths.max()), pad_len), seq_multiple)
     pad_rows = (-rows) % global_batch_size
     total = rows + pad_rows
     keep = min(width, seq_len)
@@ -216,8 +258,10 @@ def build_train_data(
     gen_lp = per_token(torch.where(loss_mask, batch.logprobs, 0.0), 0.0, torch.float32)
     adv = per_token(torch.where(loss_mask, advantages, 0.0), 0.0, torch.float32)
 
-    input_lengths = torch.ones(total, dtype=torch.int32)
+    input_lengths = torch.full((total,), pad_len, dtype=torch.int32)
     input_lengths[:rows] = lengths.to(torch.int32)
+    if pad_image is not None and pad_rows:
+        input_ids[rows:, :pad_len] = pad_image[0]
     sample_mask = torch.zeros(total, dtype=torch.float32)
     sample_mask[:rows] = loss_mask.any(dim=1).to(torch.float32)
 
@@ -240,18 +284,15 @@ def build_train_data(
         PREFIX_END_KEY: prefix_end,
     }
 
-    pixel_values: list[torch.Tensor | None] = [None] * total
-    grids: list[torch.Tensor | None] = [None] * total
-    patch_dim, pixel_dtype = None, None
-    for row, row_images in enumerate(images):
-        if len(row_images):
-            pixel_values[row], grids[row] = _row_images(row, row_images, patch_dim, pixel_dtype)
-            patch_dim, pixel_dtype = pixel_values[row].shape[1], pixel_values[row].dtype
+    pad_pixels, pad_grid = (None, None) if pad_image is None else pad_image[1:]
+    pixel_values = row_pixels + [pad_pixels] * pad_rows
+    grids = row_grids + [pad_grid] * pad_rows
     multimodal = {"pixel_values": pixel_values, "image_grid_thw": grids} if patch_dim is not None else {}
 
     if image_token_id is not None:
         is_image = (input_ids == image_token_id).to(torch.long)
-        is_image[rows:] = 0
+        if pad_image is None:
+            is_image[rows:] = 0
         tensors["mm_token_type_ids"] = is_image
         merge = spatial_merge_size**2
         for row in range(rows):

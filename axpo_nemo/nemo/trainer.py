@@ -16,7 +16,8 @@ One `NemoRLTrainer.step` (DESIGN.md §1; the local trainer's step, with NeMo-RL 
 4. **Advantages** with `assemble_advantages`; a row whose behaviour logprobs are missing or
    non-finite (the generator writes NaN) is excluded from the loss (``row_mask``) and counted.
 5. **Train data** with `build_train_data`: rows padded to a multiple of the global batch with
-   zero-weight rows (never by dropping resampled rows), Qwen3-VL pixel values and grids per row.
+   zero-weight rows (never by dropping resampled rows; each holds a one-token image, so every
+   micro-batch carries one), Qwen3-VL pixel values and grids per row.
 6. **Logprobs.** ``policy.get_logprobs`` (old) and, with a KL term, ``get_reference_policy_logprobs``;
    a row with a non-finite value on a loss token is dropped from the loss and counted.
 7. **Update.** ``policy.train(data, AXPOLossFn)``; metrics: every `STEP_METRIC_NAMES` entry plus
@@ -44,7 +45,7 @@ import torch
 
 from axpo_nemo.agent.groups import group_states, resample_states
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
-from axpo_nemo.agent.protocol import ChatProtocol
+from axpo_nemo.agent.protocol import VISION_END, VISION_START, ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig
 from axpo_nemo.agent.scoring import score_trajectory
 from axpo_nemo.agent.tools.base import Tool
@@ -258,7 +259,8 @@ class NemoRLTrainer:
             batch, adv.advantages, adv.loss_mask, row_images(all_states),
             global_batch_size=self.global_batch_size, pad_token_id=self.pad_token_id,
             seq_multiple=self.seq_multiple, image_token_id=self.protocol.image_pad_id,
-            spatial_merge_size=self.protocol.merge_size,
+            spatial_merge_size=self.protocol.merge_size, vision_start_id=self.protocol.ids[VISION_START],
+            vision_end_id=self.protocol.ids[VISION_END],
         )  # fmt: skip
         train_data = self.to_train_data(data)
 
