@@ -81,3 +81,25 @@ def argument_object(arguments: Any, example: str) -> dict[str, Any] | ToolResult
             "bad_arguments", f"arguments must be an object like {example}, not {type(arguments).__name__}."
         )
     return arguments
+
+
+def brief_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` cut to what a model trained on it needs: the description's first sentence and
+    the required parameters with their types, no parameter descriptions.
+
+    For small models trained from scratch (the demo), where the full schemas would be most of every
+    prompt's tokens; a pretrained checkpoint reads the full ones (``tools.schema_detail``).
+    """
+    function = schema["function"]
+    description = function.get("description", "")
+    first = description.split(". ", 1)[0].rstrip(".")
+    params = function.get("parameters", {})
+    required = list(params.get("required", []))
+    properties = {
+        name: {key: value for key, value in spec.items() if key in ("type", "items")}
+        for name, spec in params.get("properties", {}).items()
+        if name in required
+    }
+    brief = {"name": function["name"], "description": f"{first}." if first else ""}
+    brief["parameters"] = {"type": params.get("type", "object"), "properties": properties, "required": required}
+    return {"type": schema.get("type", "function"), "function": brief}

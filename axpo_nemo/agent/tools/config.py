@@ -30,6 +30,13 @@ class ToolsConfig(ValidatedConfig):
         30.0, "Wall-clock limit of one tool call in the agent loop (the sandbox has its own).", gt=0.0
     )
     workers: int = setting(16, "Tool calls run at the same time at most.", ge=1)
+    schema_detail: str = setting(
+        "full",
+        "How the tools are declared in the system prompt: 'full' (descriptions of the tool and every "
+        "parameter) or 'brief' (the description's first sentence, required parameters and their types: "
+        "about a quarter of the tokens, for small models trained from scratch).",
+        choices=("full", "brief"),
+    )
     zoom: ZoomConfig = field(default_factory=ZoomConfig)
     python: SandboxConfig = field(default_factory=SandboxConfig)
     search: SearchConfig = field(default_factory=SearchConfig)

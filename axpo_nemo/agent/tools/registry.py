@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
-from axpo_nemo.agent.tools.base import Tool
+from axpo_nemo.agent.tools.base import Tool, ToolContext, ToolResult, brief_schema
 from axpo_nemo.agent.tools.config import TOOL_NAMES, ToolsConfig
 from axpo_nemo.agent.tools.python_tool import PythonTool
 from axpo_nemo.agent.tools.search import SearchTool
@@ -44,6 +45,27 @@ class Toolbox(Mapping[str, Tool]):
         self.close()
 
 
+class BriefTool:
+    """A tool declared with its `brief_schema`; calls and ``close`` go to the tool itself."""
+
+    def __init__(self, tool: Tool) -> None:
+        self.tool, self.name = tool, tool.name
+
+    def schema(self) -> dict[str, Any]:
+        """The tool's schema, cut short."""
+        return brief_schema(self.tool.schema())
+
+    def __call__(self, arguments: Any, context: ToolContext) -> ToolResult:
+        """Run the tool."""
+        return self.tool(arguments, context)
+
+    def close(self) -> None:
+        """Release what the tool holds."""
+        close = getattr(self.tool, "close", None)
+        if close is not None:
+            close()
+
+
 def build_tools(cfg: ToolsConfig) -> Toolbox:
     """The tools ``cfg.enabled`` names, configured from their sections.
 
@@ -63,4 +85,6 @@ def build_tools(cfg: ToolsConfig) -> Toolbox:
                 tools[name] = SearchTool(cfg=cfg.search)
             except ValueError as exc:  # e.g. no corpus_path for bm25: name the config keys
                 raise ValueError(f"tools.search: {exc} (set tools.search.corpus_path or tools.search.url)") from exc
+    if cfg.schema_detail == "brief":
+        tools = {name: BriefTool(tool) for name, tool in tools.items()}
     return Toolbox(tools)
