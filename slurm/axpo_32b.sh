@@ -3,7 +3,7 @@
 #SBATCH --nodes=4
 #SBATCH --exclusive
 #SBATCH --time=04:00:00
-#SBATCH --signal=B:USR1@1200
+#SBATCH --signal=B:USR1@1800
 #SBATCH --requeue
 #SBATCH --open-mode=append
 # AXPO on Qwen3-VL-32B-Thinking with the NeMo-RL backend (conf/cluster/axpo_32b.yaml).

@@ -3,7 +3,7 @@
 #SBATCH --nodes=4
 #SBATCH --exclusive
 #SBATCH --time=04:00:00
-#SBATCH --signal=B:USR1@1200
+#SBATCH --signal=B:USR1@1800
 #SBATCH --requeue
 #SBATCH --open-mode=append
 # The GRPO baseline on Qwen3-VL-32B-Thinking with the NeMo-RL backend (conf/cluster/grpo_32b.yaml).

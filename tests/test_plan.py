@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -12,14 +14,17 @@ from axpo_nemo.config import ConfigError, load_config
 from axpo_nemo.nemo.plan import (
     ARCHITECTURES,
     GIB,
+    SIGNAL_MARGIN_S,
     Architecture,
     PlanError,
     architecture_from_hf_config,
+    checkpoint_timing,
     plan,
     resolve_architecture,
 )
 
-CLUSTER_DIR = Path(__file__).resolve().parents[1] / "conf" / "cluster"
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_DIR = ROOT / "conf" / "cluster"
 CLUSTER_CONFIGS = sorted(p for p in CLUSTER_DIR.glob("*.yaml") if p.name != "base.yaml")
 
 
@@ -251,3 +256,25 @@ def test_architecture_is_a_frozen_record():
     assert isinstance(arch, Architecture)
     with pytest.raises(AttributeError):
         arch.num_layers = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in (ROOT / "slurm").glob("*.sh") if p.name.startswith(("axpo_", "grpo_", "sft_")))
+)
+def test_each_job_script_signals_early_enough_to_finish_its_step_and_save(script):
+    # `--signal=B:USR1@<lead>` must cover the longest step plus writing the whole checkpoint
+    # (a 32B checkpoint is ~470 GB), or the stop never saves and the job is killed unrequeued.
+    text = (ROOT / "slurm" / script).read_text()
+    lead = int(re.search(r"--signal=B:USR1@(\d+)", text).group(1))
+    config = re.search(r"AXPO_CONFIG=\$\{AXPO_CONFIG:-([\w/]+)\}", text).group(1)
+    timing = checkpoint_timing(cfg := load_config(config), resolve_architecture(cfg))
+    assert lead >= timing.usr1_lead_s, (script, lead, timing)
+
+
+def test_checkpoint_timing_by_hand():
+    cfg = load_config("cluster/axpo_32b", ["cluster.checkpoint_write_gbps=2", "cluster.step_minutes=15"])
+    arch = resolve_architecture(cfg)
+    timing = checkpoint_timing(cfg, arch)
+    assert timing.size_gb == pytest.approx(arch.total_params() * 14 / 1e9)
+    assert 440 < timing.size_gb < 500  # Qwen3-VL-32B: weights, fp32 main copy and two Adam moments
+    assert timing.usr1_lead_s == math.ceil(15 * 60 + timing.size_gb / 2 + SIGNAL_MARGIN_S)

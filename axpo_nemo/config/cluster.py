@@ -35,6 +35,19 @@ class ClusterConfig(ValidatedConfig):
     gpu_memory_gib: float = setting(
         80.0, "Memory of one GPU in GiB; `axpo plan` fails when its per-GPU estimate exceeds it.", gt=0.0
     )
+    step_minutes: float = setting(
+        10.0,
+        "The longest training step this job expects, in minutes (set it from the first steps' "
+        "timings). With the checkpoint's write time it sizes the SIGUSR1 lead that `axpo plan` "
+        "prints: the signal must leave time to finish the step and save.",
+        gt=0.0,
+    )
+    checkpoint_write_gbps: float = setting(
+        1.0,
+        "Write bandwidth of the checkpoint folder's filesystem for this job, in GB/s (`axpo plan` "
+        "sizes the save time with it).",
+        gt=0.0,
+    )
 
 
 @dataclass

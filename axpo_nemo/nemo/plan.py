@@ -51,6 +51,11 @@ from axpo_nemo.nemo.master_config import (
 )
 
 GIB = 2**30
+#: Bytes a Megatron checkpoint holds per parameter: bf16 weights (2), the distributed optimizer's
+#: fp32 main copy (4) and Adam's two fp32 moments (8); NeMo-RL saves the optimizer with the model.
+CHECKPOINT_BYTES_PER_PARAM = 14
+#: SIGUSR1 lead beyond one step and the checkpoint write: Ray shutdown, requeue, filesystem jitter.
+SIGNAL_MARGIN_S = 120
 #: Share of a micro-batch's tokens assumed to be image tokens when sizing the vision tower's
 #: activations (a question image plus tool crops in an 8k-token trajectory).
 IMAGE_TOKEN_SHARE = 0.5
@@ -616,6 +621,28 @@ def estimate_memory(cfg: Config, arch: Architecture) -> MemoryEstimate:
 
 
 @dataclass
+class CheckpointTiming:
+    """How big a checkpoint is, how long it takes to write, and the SIGUSR1 lead that covers it.
+
+    A job told to stop (``#SBATCH --signal=B:USR1@<lead>``) finishes its step, saves and exits
+    before the time limit only when ``lead >= step + write + margin``.
+    """
+
+    size_gb: float
+    write_s: float
+    step_s: float
+    usr1_lead_s: int
+
+
+def checkpoint_timing(cfg: Config, arch: Architecture) -> CheckpointTiming:
+    """Size one checkpoint of ``arch`` and the SIGUSR1 lead of a job running ``cfg``."""
+    size_gb = arch.total_params() * CHECKPOINT_BYTES_PER_PARAM / 1e9
+    write_s = size_gb / cfg.cluster.checkpoint_write_gbps
+    step_s = cfg.cluster.step_minutes * 60.0
+    return CheckpointTiming(size_gb, write_s, step_s, math.ceil(step_s + write_s + SIGNAL_MARGIN_S))
+
+
+@dataclass
 class PlanReport:
     """Everything `axpo plan` prints."""
 
@@ -625,6 +652,7 @@ class PlanReport:
     errors: list[str]
     warnings: list[str]
     memory: MemoryEstimate | None
+    checkpoint: CheckpointTiming | None = None
 
     @property
     def ok(self) -> bool:
@@ -641,6 +669,7 @@ class PlanReport:
             "errors": self.errors,
             "warnings": self.warnings,
             "memory": asdict(self.memory) if self.memory else None,
+            "checkpoint": asdict(self.checkpoint) if self.checkpoint else None,
         }
 
     def to_text(self) -> str:
@@ -673,6 +702,13 @@ class PlanReport:
             verdict = "fits" if m.fits else "DOES NOT FIT"
             lines.append(f"peak {m.peak_gib:.2f} GiB of {m.gpu_memory_gib:g} GiB per GPU: {verdict}")
             lines += [f"ERROR   {p}" for p in m.problems]
+        c = self.checkpoint
+        if c is not None:
+            lines.append(
+                f"checkpoint: {c.size_gb:,.0f} GB, {c.write_s / 60:.1f} min to write; SIGUSR1 lead >= "
+                f"{c.usr1_lead_s} s (a {c.step_s / 60:g}-min step + the write + {SIGNAL_MARGIN_S} s): "
+                f"#SBATCH --signal=B:USR1@{c.usr1_lead_s} or more"
+            )
         lines.append("OK" if self.ok else "FAILED")
         return "\n".join(lines)
 
@@ -687,4 +723,6 @@ def plan(cfg: Config, config_name: str = "config") -> PlanReport:
     memory = (
         estimate_memory(cfg, arch) if layout_ok and arch.num_layers % meg.pipeline_parallel == 0 else None
     )
-    return PlanReport(config_name, arch, build_layout(cfg), errors, warnings, memory)
+    return PlanReport(
+        config_name, arch, build_layout(cfg), errors, warnings, memory, checkpoint_timing(cfg, arch)
+    )
