@@ -3,6 +3,7 @@ that replay through the real agent loop and tools to correct answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -25,6 +26,7 @@ from axpo_nemo.agent.tools.zoom import ImageZoomTool
 from axpo_nemo.data.schema import read_samples
 from axpo_nemo.data.synth import (
     FAMILIES,
+    NUMBER_WORDS,
     PALETTE,
     RELATIONS,
     SHARED_KEYS,
@@ -244,7 +246,7 @@ def test_answers_are_right_by_construction(data):
             assert int(s.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
         elif s.category == "python_multiply":
             a, b = s.metadata["operands"]
-            assert s.question.endswith(f"\nWhat is {a} * {b}?") and s.options[s.answer] == str(a * b)
+            assert s.question.endswith(f"\nWhat is {a}*{b}?") and s.options[s.answer] == str(a * b)
         elif s.category in ("python_area", "color_mc"):
             pixels = np.asarray(s.load_images(result.out_dir)[0])
             color = s.metadata["color"]
@@ -324,8 +326,12 @@ def _call_from_question(s) -> dict:
     """The call a policy has to learn, derived from the question's text alone by a fixed rule."""
     stem = s.question.split("\n")[-1]
     if s.category == "python_multiply":
-        a, b = re.fullmatch(r"What is (\d+) \* (\d+)\?", stem).groups()
-        return {"name": "python", "arguments": {"code": f"print({a} * {b})"}}
+        words = re.fullmatch(r"What is (\w+) times (\w+)\?", stem)
+        if words:  # multiply_words: each word maps to its number
+            a, b = (NUMBER_WORDS.index(w) for w in words.groups())
+        else:
+            a, b = re.fullmatch(r"What is (\d+)\*(\d+)\?", stem).groups()
+        return {"name": "python", "arguments": {"code": f"print({a}*{b})"}}
     if s.category == "python_area":
         color = re.fullmatch(r"How many pixels does the (\w+) rectangle cover\?", stem).group(1)
         rgb = ",".join(map(str, PALETTE[color]))  # a six-way choice
@@ -333,7 +339,7 @@ def _call_from_question(s) -> dict:
     for relation, spec in RELATIONS.items():  # a four-way choice, plus the country's name copied
         m = re.fullmatch(re.escape(spec["question"]).replace(re.escape("{e}"), "(\\w+)"), stem)
         if m:
-            return {"name": "search", "arguments": {"query": f"{m.group(1)} {relation}"}}
+            return {"name": "search", "arguments": {"query": f"{relation} of {m.group(1)}"}}
     raise AssertionError(stem)
 
 
@@ -342,7 +348,7 @@ def _wrong_calls(s, call: dict) -> list[dict]:
     if s.category == "python_multiply":
         a, b = s.metadata["operands"]
         return [
-            {"name": "python", "arguments": {"code": f"print({x} * {y})"}}
+            {"name": "python", "arguments": {"code": f"print({x}*{y})"}}
             for x, y in ((a + 1, b), (a, b - 1))
         ]
     if s.category == "python_area":
@@ -356,7 +362,7 @@ def _wrong_calls(s, call: dict) -> list[dict]:
         ][:2]
     entity = s.metadata["entity"]
     return [
-        {"name": "search", "arguments": {"query": f"{entity} {r}"}}
+        {"name": "search", "arguments": {"query": f"{r} of {entity}"}}
         for r in RELATIONS
         if r != s.metadata["relation"]
     ][:2]
@@ -370,11 +376,33 @@ def _copied_answer_scores(s, call: dict, toolbox, ctx) -> bool:
     return score_answer(f"\\boxed{{{shown}}}", s.answer, s.answer_type, s.candidates, s.options).correct
 
 
-def test_each_tool_family_has_a_learnable_right_call_and_a_wrong_call_shows_no_answer(data, toolbox):
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """The demo config's dataset (its own task settings: operands as words, small rectangles)."""
+    from axpo_nemo.config import load_config
+
+    out = tmp_path_factory.mktemp("synth_demo")
+    cfg = dataclasses.replace(load_config("demo").data.synth, num_sft=40, num_eval=8)
+    result = synthesize(cfg, out)
+    return result, {split: list(read_samples(out / f"{split}.jsonl")) for split in ("sft", "rl", "eval")}
+
+
+@pytest.mark.parametrize("which", ["default", "demo"])
+def test_each_tool_family_has_a_learnable_right_call_and_a_wrong_call_shows_no_answer(which, request):
     # The regime AXPO targets: a call's correctness is a small choice a policy can learn (copy
     # the operands, the colour's triple, the relation), the right call shows the answer, which the
     # policy then copies, and a call one choice off shows nothing that scores.
-    result, samples = data
+    result, samples = request.getfixturevalue("data" if which == "default" else "demo_data")
+    cfg = ToolsConfig(
+        enabled=["image_zoom_in", "python", "search"],
+        search=SearchConfig(corpus_path=str(result.corpus_path)),
+        python=SandboxConfig(pool_size=2),
+    )
+    with build_tools(cfg) as toolbox:
+        _check_tool_families(result, samples, toolbox)
+
+
+def _check_tool_families(result, samples, toolbox) -> None:
     per_family: dict[str, int] = Counter()
     for s in samples["rl"]:
         if not FAMILIES[s.category].tool or per_family[s.category] >= 4:

@@ -12,12 +12,12 @@ family                    tool             the right call (a small choice) / why
                                            held out (``SHARED_KEYS``: it is knowledge)
 ``color_mc``              none             dominant colour, 2-4 options: learnable,
                                            guessable (1/k)
-``python_multiply``       python           ``print(a * b)``: both operands copied from
+``python_multiply``       python           ``print(a*b)``: both operands copied from
                                            the question; one digit off prints a number
                                            in no option
 ``python_area``           python           count the named colour's exact RGB triple over
                                            ``image`` (a 6-way choice)
-``search_fact``           search           query ``"<country> <relation>"`` (the name
+``search_fact``           search           query ``"<relation> of <country>"`` (the name
                                            copied, the relation a 4-way choice); another
                                            relation retrieves another fact
 ``zoom_digit``            image_zoom_in    a 3x5-pixel digit, readable only in the crop;
@@ -119,15 +119,15 @@ RELATIONS: dict[str, dict[str, Any]] = {
         "passage": "The capital of {e} is {v}.",
     },
     "currency": {
-        "question": "What currency is used in {e}?",
+        "question": "What is the currency of {e}?",
         "passage": "The currency of {e} is the {v}.",
     },
     "river": {
-        "question": "Which river flows through {e}?",
+        "question": "What is the main river of {e}?",
         "passage": "The main river of {e} is the {v}.",
     },
     "ruler": {
-        "question": "Who rules {e}?",
+        "question": "Who is the ruler of {e}?",
         "passage": "The ruler of {e} is Queen {v}.",
     },
 }
@@ -309,20 +309,42 @@ def _color_mc(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
     )
 
 
+#: The thinking before a tool call: the decision to act and nothing the call must copy. AXPO
+#: freezes this prefix and resamples the call, so what the call gets right or wrong (operands,
+#: a colour's triple, a country's name) must come after it: with the operands restated in the
+#: thinking ("I will use python for 7 * 3."), a prefix that restated them wrong doomed all K
+#: resamples of it (docs/results.md).
+CALL_THINKING = {"python": "I will use python.", "search": "I will search."}
+#: The thinking after the tool's observation; the answer then copies the printed number or the
+#: first result's name straight from the observation. (Restating it in the thinking first was
+#: one more copy to get wrong: the SFT model restated numbers at p ~ 0.1-0.5 per digit while its
+#: box, copying from the observation, was right.)
+AFTER_CALL_THINKING = {"python": "python printed the answer.", "search": "The first result names the answer."}
+
+
+#: Operands as words for ``multiply_words`` (0..20).
+NUMBER_WORDS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+)  # fmt: skip
+
+
 def _python_multiply(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
-    """The product of two numbers (multiply_min..multiply_max); ``print(a * b)`` prints the answer."""
+    """``What is a*b?`` or, with ``multiply_words``, ``What is seven times six?`` (operands in
+    multiply_min..multiply_max); ``print(a*b)`` prints the answer."""
     a, b = rng.randint(cfg.multiply_min, cfg.multiply_max), rng.randint(cfg.multiply_min, cfg.multiply_max)
     product = a * b
     options, letter = _mc(rng, str(product), _number_distractors(rng, product), cfg)
+    stem = f"What is {NUMBER_WORDS[a]} times {NUMBER_WORDS[b]}?" if cfg.multiply_words else f"What is {a}*{b}?"
     return _Item(
         key=(min(a, b), max(a, b)),  # a * b and b * a are the same question
-        question=_with_options(f"What is {a} * {b}?", options),
+        question=_with_options(stem, options),
         answer=letter,
         thinking=[
-            f"I will use python for {a} * {b}.",
-            f"{product} is what python printed.",
+            CALL_THINKING["python"],
+            AFTER_CALL_THINKING["python"],
         ],
-        tool_call=("python", {"code": f"print({a} * {b})"}),
+        tool_call=("python", {"code": f"print({a}*{b})"}),
         options=options,
         metadata={"operands": [a, b], "value": str(product)},
     )
@@ -332,7 +354,8 @@ def _python_area(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
     """The pixel area of a rectangle drawn last (fully visible) in an exact palette colour."""
     size = cfg.image_size
     color = rng.choice(list(PALETTE))
-    w, h = rng.randint(4, size // 3), rng.randint(4, size // 3)
+    side_max = cfg.area_max_side or size // 3
+    w, h = rng.randint(cfg.area_min_side, side_max), rng.randint(cfg.area_min_side, side_max)
     x, y = rng.randint(0, size - w), rng.randint(0, size - h)
     layout = rng.getrandbits(32)
     area = w * h
@@ -353,7 +376,7 @@ def _python_area(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
         key=(color, w, h),
         question=_with_options(f"How many pixels does the {color} rectangle cover?", options),
         answer=letter,
-        thinking=[f"I will use python to count the {color} pixels.", f"{area} is what python printed."],
+        thinking=[CALL_THINKING["python"], AFTER_CALL_THINKING["python"]],
         tool_call=("python", {"code": f"print((np.array(image)==({rgb})).all(2).sum())"}),
         render=render,
         options=options,
@@ -362,7 +385,13 @@ def _python_area(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
 
 
 def _search_fact(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
-    """A made-up fact about a made-up country; the query '<country> <relation>' retrieves it first."""
+    """A made-up fact about a made-up country; the query '<relation> of <country>' retrieves it first.
+
+    Every question ends "... <relation> of <country>?", so the query's country follows the same
+    " of" token as in the question: one token of context for the copy. (In "Which river flows
+    through X?" the name's first piece followed nothing the query repeats, and the SFT model
+    copied it at chance.)
+    """
     entity, relation = ctx.pick_fact(rng)
     value = ctx.facts[entity][relation]
     spec = RELATIONS[relation]
@@ -373,10 +402,10 @@ def _search_fact(rng: random.Random, cfg: SynthConfig, ctx: _Context) -> _Item:
         question=_with_options(spec["question"].format(e=entity), options),
         answer=letter,
         thinking=[
-            f"I will search for the {relation} of {entity}.",
-            f"{value} is what the first result names.",
+            CALL_THINKING["search"],
+            AFTER_CALL_THINKING["search"],
         ],
-        tool_call=("search", {"query": f"{entity} {relation}"}),
+        tool_call=("search", {"query": f"{relation} of {entity}"}),
         options=options,
         metadata={
             "entity": entity,
@@ -549,9 +578,7 @@ def _draw(family: str, split: str, index: int, cfg: SynthConfig, ctx: _Context, 
 
 #: The thinking of an SFT trajectory that answers a tool question without the tool. Every tool
 #: trajectory's thinking starts "I will" too, then names its tool ("use python", "search"): the
-#: choice to act is one token of the prefix, and what the call copies (operands, a colour, a
-#: country) comes after it. (With the copy first, the policy had to choose and copy in one
-#: token; it copied a first operand at chance, the second at p = 0.95.)
+#: choice to act is one token of the prefix (`CALL_THINKING`).
 GUESS_THINKING = "I will answer without a tool."
 
 

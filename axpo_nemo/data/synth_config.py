@@ -114,6 +114,20 @@ class SynthConfig(ValidatedConfig):
     arith_max: int = setting(9, "arith_small: operands range over 0..arith_max.", ge=2, le=99)
     multiply_min: int = setting(12, "python_multiply: smallest operand.", ge=2)
     multiply_max: int = setting(99, "python_multiply: largest operand.", ge=3)
+    multiply_words: bool = setting(
+        False,
+        "python_multiply: spell the operands as words ('What is seven times six?'), so that writing "
+        "print(7*6) maps each word to its digits (a choice the model learns, like a colour's RGB "
+        "triple) instead of copying digits that the options repeat. Needs multiply_max <= 20.",
+    )
+    area_min_side: int = setting(4, "python_area: shortest side of the counted rectangle, in pixels.", ge=1)
+    area_max_side: int = setting(
+        0,
+        "python_area: longest side of the counted rectangle, in pixels (0: a third of image_size). "
+        "Sides up to 3 keep every count one digit, so the answer copied from python's output is "
+        "one token.",
+        ge=0,
+    )
     min_options: int = setting(2, "Multiple-choice questions have at least this many options.", ge=2, le=6)
     max_options: int = setting(4, "Multiple-choice questions have at most this many options.", ge=2, le=6)
     corpus_distractors: int = setting(
@@ -128,6 +142,12 @@ class SynthConfig(ValidatedConfig):
         errors = []
         if self.multiply_min > self.multiply_max:
             errors.append(f"multiply_min ({self.multiply_min}) must be <= multiply_max ({self.multiply_max})")
+        if self.multiply_words and self.multiply_max > 20:
+            errors.append(f"multiply_words needs multiply_max <= 20 (got {self.multiply_max})")
+        if self.area_max_side and self.area_min_side > self.area_max_side:
+            errors.append(f"area_min_side ({self.area_min_side}) must be <= area_max_side ({self.area_max_side})")
+        if max(self.area_min_side, self.area_max_side) > self.image_size // 2:
+            errors.append(f"area sides must be at most image_size // 2 ({self.image_size // 2})")
         if self.min_options > self.max_options:
             errors.append(f"min_options ({self.min_options}) must be <= max_options ({self.max_options})")
         w = self.weights.as_dict()
