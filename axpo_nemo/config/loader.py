@@ -31,6 +31,8 @@ from axpo_nemo.core.config import field_errors
 DEFAULT_CONFIG = "demo"
 #: The repository's config folder (present in source checkouts and editable installs).
 SOURCE_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+#: The configs an installed package carries (``pip install .`` puts ``conf/`` at ``axpo_nemo/conf``).
+PACKAGE_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class ConfigError(ValueError):
@@ -54,19 +56,26 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
-def find_config(name: str | Path) -> Path:
-    """Resolve a config name to a file: an existing path, else ``conf/<name>[.yaml]``.
+def config_dirs() -> list[Path]:
+    """The folders config names are looked up in, in order: ``./conf`` in the working directory,
+    the installed package's configs, the source tree's ``conf/`` (those that exist)."""
+    dirs = [Path.cwd() / "conf", PACKAGE_CONF_DIR, SOURCE_CONF_DIR]
+    return [d for i, d in enumerate(dirs) if d.is_dir() and d not in dirs[:i]]
 
-    ``conf/`` is looked up in the working directory first, then in the source tree.
-    """
+
+def find_config(name: str | Path) -> Path:
+    """Resolve a config name to a file: an existing path, else ``<dir>/<name>[.yaml]`` for the
+    first of `config_dirs` that has it."""
     path = Path(name)
     candidates = [path, path.with_suffix(".yaml")] if path.suffix != ".yaml" else [path]
-    for root in (Path.cwd() / "conf", SOURCE_CONF_DIR):
+    dirs = config_dirs()
+    for root in dirs:
         candidates += [root / path, root / path.with_suffix(".yaml")]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"config file not found: {name} (looked in ., ./conf and {SOURCE_CONF_DIR})")
+    looked = ", ".join(["the working directory", *map(str, dirs)])
+    raise ConfigError(f"config file not found: {name} (looked in {looked})")
 
 
 def _schema_keys(cls: type = Config, prefix: str = "") -> Iterator[str]:
