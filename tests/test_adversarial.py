@@ -28,6 +28,8 @@ from axpo_nemo.models import build_tiny_processor, build_tiny_tokenizer
 
 MARK = uuid.uuid4().hex[:10]
 OUTSIDE = Path("/tmp") / f"axpo_adv_{MARK}"
+LAUNCH = Path("/tmp") / f"axpo_adv_{MARK}_launch"  # the trainer's working directory, as under python -m
+SECRET = f"secret-{MARK}"
 
 
 def _call(name: str, arguments) -> str:
@@ -102,6 +104,8 @@ CASES: list[tuple[str, str]] = [
     ("py-delete-outside", _py(f"import os\nos.remove('{OUTSIDE}/sentinel.txt')")),
     ("py-rename-outside", _py(f"import os\nos.rename('{OUTSIDE}/sentinel.txt', '{OUTSIDE}/moved.txt')")),
     ("py-chmod-outside", _py(f"import os\nos.chmod('{OUTSIDE}/sentinel.txt', 0o777)")),
+    ("py-read-launch-env", _py(f"print(open('{LAUNCH}/.env').read())")),
+    ("py-list-launch-dir", _py(f"import os\nprint(os.listdir('{LAUNCH}'))")),
     ("py-network-loopback", "NETWORK_PLACEHOLDER"),
     ("py-network-external", _py("import socket\nsocket.create_connection(('192.0.2.1', 80), timeout=2)")),
     ("py-gigabytes-stdout", _py("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)")),
@@ -177,11 +181,16 @@ def listener():
     thread.join(timeout=2)
 
 
-def test_adversarial_corpus_through_the_loop(tmp_path: Path, listener):
+def test_adversarial_corpus_through_the_loop(tmp_path: Path, listener, monkeypatch):
     port, hits = listener
     assert len(CASES) >= 60
     OUTSIDE.mkdir()
     (OUTSIDE / "sentinel.txt").write_text("keep me")
+    LAUNCH.mkdir()
+    (LAUNCH / ".env").write_text(f"API_KEY={SECRET}\n")
+    (LAUNCH / ".env").chmod(0o600)
+    monkeypatch.chdir(LAUNCH)
+    monkeypatch.syspath_prepend(str(LAUNCH))
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"id": "1", "contents": "\\"Paris\\"\\nParis is the capital of France."}\n')
     repo = Path(__file__).resolve().parents[1]
@@ -223,6 +232,7 @@ def test_adversarial_corpus_through_the_loop(tmp_path: Path, listener):
         import shutil
 
         shutil.rmtree(OUTSIDE, ignore_errors=True)
+        shutil.rmtree(LAUNCH, ignore_errors=True)
 
     failures = []
     for state in states:
@@ -240,6 +250,8 @@ def test_adversarial_corpus_through_the_loop(tmp_path: Path, listener):
             failures.append(f"{case}: took {record.duration_s:.1f} s")
         elif not state.turns[0].observation_len:
             failures.append(f"{case}: no observation was appended")
+        elif SECRET in record.response_text or ".env" in record.response_text.replace(f"{LAUNCH}/.env", ""):
+            failures.append(f"{case}: the launch directory's secrets leaked")
     assert not failures, "\n".join(failures)
     assert elapsed < 120, f"the batch took {elapsed:.0f} s"
     assert hits == [], "sandboxed code reached a loopback listener"

@@ -386,6 +386,70 @@ def test_timeout_argument_shortens_the_limit(pool):
     assert time.monotonic() - start < 1.5
 
 
+# --- what calls may read --------------------------------------------------------------------
+
+# The pool as this host gives it, and an unprivileged container's (no namespaces, no setuid).
+TIERS = {
+    "default": [],
+    "unprivileged": ["user_namespace", "pid_namespace", "net_namespace", "mount_namespace", "setuid"],
+}
+
+
+@pytest.mark.parametrize("tier", sorted(TIERS))
+def test_launch_directory_is_unreadable(tier, tmp_path, monkeypatch):
+    """Started with ``python -m`` the trainer's cwd is on sys.path: its .env must stay private."""
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    secret = launch / ".env"
+    secret.write_text("API_KEY=hunter2\n")
+    secret.chmod(0o600)
+    monkeypatch.chdir(launch)
+    monkeypatch.syspath_prepend(str(launch))
+    with SandboxPool(config(pool_size=1, disable=TIERS[tier])) as p:
+        read = p.run(f"print(open({str(secret)!r}).read())")
+        listing = p.run(f"import os; print(os.listdir({str(launch)!r}))")
+        lazy = p.run("import decimal, fractions, sqlite3, xml.dom.minidom; print('imported')")
+    assert read.failure == "exception" and read.error_type == "PermissionError", read.stderr
+    assert "hunter2" not in read.stdout + read.stderr
+    assert listing.failure == "exception" and ".env" not in listing.stdout
+    assert lazy.ok and lazy.stdout == "imported\n", lazy.stderr  # the interpreter stays readable
+
+
+def test_readable_paths_leave_out_the_launch_directories(tmp_path):
+    from axpo_nemo.agent.sandbox.confinement import default_readable_paths
+
+    launch = tmp_path / "app"
+    launch.mkdir()
+    paths = default_readable_paths([], [str(launch), "/usr/src/app"], ["numpy", "PIL.Image"])
+    assert str(launch) not in paths and REPO.as_posix() not in paths
+    assert not any(str(launch).startswith(p + "/") for p in paths)  # nor any directory above it
+    assert "/usr" not in paths and "/" not in paths
+    assert os.path.realpath(os.path.dirname(os.__file__)) in paths  # the standard library is
+    assert os.path.realpath(os.path.dirname(Image.__file__)) in paths  # and the preloaded packages
+
+
+def test_calls_hold_no_capabilities(tmp_path):
+    """A 0600 file of another user stays unreadable even where Landlock would allow reading it."""
+    if os.geteuid() != 0:
+        pytest.skip("the per-call uid only exists as root")
+    shared = Path(tempfile.mkdtemp(prefix="axpo-shared-"))
+    try:
+        shared.chmod(0o755)
+        (shared / "private.txt").write_text("root only\n")
+        (shared / "private.txt").chmod(0o600)
+        (shared / "public.txt").write_text("everyone\n")
+        (shared / "public.txt").chmod(0o644)
+        with SandboxPool(config(pool_size=1, extra_readable_paths=[str(shared)])) as p:
+            if "setuid" not in p.confinement:
+                pytest.skip("calls do not run as their own uid here")
+            public = p.run(f"print(open({str(shared / 'public.txt')!r}).read(), end='')")
+            private = p.run(f"print(open({str(shared / 'private.txt')!r}).read())")
+    finally:
+        shutil.rmtree(shared)
+    assert public.ok and public.stdout == "everyone\n", public.stderr
+    assert private.failure == "exception" and private.error_type == "PermissionError"
+
+
 # --- the confinement on degraded hosts -----------------------------------------------------
 
 DEGRADED = {

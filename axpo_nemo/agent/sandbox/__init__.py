@@ -23,9 +23,12 @@ Confinement, probed at pool start and degraded in this order (see `confinement`)
 per pool (INFO when 'strong', WARNING otherwise):
 
 * root (or unprivileged user namespaces): pid, net and mount namespaces per worker; as root each
-  call also runs as its own unprivileged uid, so RLIMIT_NPROC counts only its processes;
+  call also runs as its own unprivileged uid without any capability, so RLIMIT_NPROC counts only
+  its processes and file modes apply (an interpreter under a private directory, e.g. root's home,
+  is exposed to that uid through the worker's mount namespace, the rest of the directory hidden);
 * Landlock (kernel >= 5.13, any user): writes only in the working directory, reads only the
-  interpreter and system libraries; ABI 4 also blocks TCP, ABI 6 blocks signals to outsiders;
+  interpreter's standard library and packages and system libraries, never the trainer's working
+  or script directory; ABI 4 also blocks TCP, ABI 6 blocks signals to outsiders;
 * seccomp (x86_64, aarch64, any user): no non-unix sockets, exec, ptrace, mounts, namespaces,
   io_uring, setsid, timestamp/xattr changes (and chmod/chown without setuid);
 * rlimits always; an audit-hook guard only for what nothing above covers.

@@ -27,7 +27,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from axpo_nemo.agent.sandbox import _linux, _process, _runner
 from axpo_nemo.agent.sandbox._protocol import ProtocolError, recv_msg, send_msg
-from axpo_nemo.agent.sandbox.confinement import apply_call_confinement
+from axpo_nemo.agent.sandbox.confinement import (
+    apply_call_confinement,
+    expose_to_other_users,
+    unreadable_paths,
+)
 
 if TYPE_CHECKING:
     from axpo_nemo.agent.sandbox._zygote import Zygote
@@ -125,6 +129,14 @@ def _child(
             _runner.write_frame(3, b"S", json.dumps(message).encode())
         os._exit(_SETUP_FAILED_EXIT)
     if not strict:
+        if "setuid" in applied:
+            unreadable = unreadable_paths(worker.required)
+            if unreadable:
+                applied.remove("setuid")
+                failed["setuid"] = (
+                    f"a call running as its own uid cannot read {unreadable[0]} (a directory above it "
+                    "is private and no mount namespace can expose it)"
+                )
         _runner.write_frame(
             3, b"S", json.dumps({"status": "probe", "applied": applied, "failed": failed}).encode()
         )
@@ -151,6 +163,7 @@ class Worker:
         self.conf = zygote.conf
         self.opts = zygote.opts
         self.readable = zygote.readable
+        self.required = zygote.required
         self.root = zygote.root
         self.uid = _uid_for(slot, self.opts.uid_base, zygote.pid)
         self.pid_ns = "pid_namespace" in self.conf and os.getpid() == 1
@@ -169,6 +182,13 @@ class Worker:
             _linux.mount(None, "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
         self.dir = tempfile.mkdtemp(prefix=f"w{self.slot}-", dir=self.root)
         os.chmod(self.dir, 0o711)
+        if self.mount_ns and "setuid" in self.conf:
+            # The calls' own uid must read the interpreter, e.g. one installed in root's 0700 home.
+            package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            try:
+                expose_to_other_users([*self.readable, os.path.realpath(self.root), package])
+            except OSError as e:  # the probe then finds the interpreter unreadable
+                print(f"[sandbox] could not expose the interpreter to the calls' uid: {e}", file=sys.stderr)
         try:
             while True:
                 try:

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, NoReturn
 
@@ -38,6 +39,7 @@ from axpo_nemo.agent.sandbox.confinement import (
     default_readable_paths,
     enter_namespaces,
     guard_concerns,
+    interpreter_paths,
     namespace_flags,
 )
 
@@ -75,12 +77,15 @@ def _preload(modules: list[str]) -> None:
 class Zygote:
     """Forks workers on request from the trainer; owns the probed confinement."""
 
-    def __init__(self, ctl: socket.socket, opts: Any, root: str) -> None:
+    def __init__(self, ctl: socket.socket, opts: Any, root: str, private: Sequence[str] = ()) -> None:
         self.ctl = ctl
         self.opts = opts
         self.root = root
         self.pid = os.getpid()
-        self.readable = default_readable_paths(opts.extra_readable_paths)
+        self.readable = default_readable_paths(opts.extra_readable_paths, private, opts.preload_modules)
+        # What calls must be able to read for the sandbox to work (checked by the probe).
+        required = (os.path.realpath(p) for p in interpreter_paths(opts.preload_modules))
+        self.required = [p for p in dict.fromkeys(required) if p in self.readable]
         self.conf = Confinement(("rlimits",))
         self.workers: dict[int, int] = {}  # pid -> slot
 
@@ -330,7 +335,7 @@ def zygote_main(ctl_fd: int) -> NoReturn:
         opts = SimpleNamespace(**header["config"])
         _preload(opts.preload_modules)
         _linux.prctl(_linux.PR_SET_CHILD_SUBREAPER, 1)
-        zygote = Zygote(ctl, opts, header["workdir_root"])
+        zygote = Zygote(ctl, opts, header["workdir_root"], header.get("private_dirs", []))
         zygote.conf = probe(zygote)
         send_msg(ctl, {"ready": True, "confinement": zygote.conf.to_dict(), "pid": os.getpid()})
     except BaseException as e:

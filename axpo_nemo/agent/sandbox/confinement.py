@@ -11,11 +11,13 @@ pid_namespace      code sees/signals no outside process; one SIGKILL      root o
                    ends a call's whole process tree
 net_namespace      no network interfaces at all                           root or user_namespace
 mount_namespace    a private tmpfs working directory with a size quota    root or user_namespace
-setuid             runs as an unprivileged per-worker uid: RLIMIT_NPROC   root
-                   counts only the call's own processes
+setuid             runs as an unprivileged per-worker uid without         root
+                   capabilities: RLIMIT_NPROC counts only the call's own
+                   processes, file modes apply
 landlock           writes only in the working directory, reads only the   kernel >= 5.13 (ABI 4:
-                   interpreter and system libraries; no TCP (ABI 4); no   TCP, ABI 6: signals)
-                   signals out of the sandbox (ABI 6)
+                   interpreter's stdlib and packages and system           TCP, ABI 6: signals)
+                   libraries (never the trainer's cwd or script dir); no
+                   TCP (ABI 4); no signals out of the sandbox (ABI 6)
 seccomp            no non-unix sockets, exec, ptrace, mount, namespaces,  x86_64/aarch64, any user
                    io_uring, setsid; signals only to itself without pidns
 rlimits            CPU time, address space, file size, open files,        always
@@ -31,8 +33,11 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import site
 import socket
 import sys
+import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,24 +148,132 @@ def enter_namespaces(flags: int) -> None:
         _linux.unshare(rest)
 
 
-def default_readable_paths(extra: list[str]) -> list[str]:
-    """Paths a call may read under Landlock: the interpreter, its packages, system libraries."""
-    paths = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/sys/devices/system/cpu"]
-    paths += [
-        "/etc/" + f for f in ("ld.so.cache", "localtime", "passwd", "group", "nsswitch.conf", "mime.types")
-    ]
-    paths += ["/dev/" + f for f in ("null", "zero", "full", "random", "urandom")]
-    paths += [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
-    too_wide = {"/", os.path.realpath(os.path.expanduser("~"))}  # e.g. a script run from $HOME
-    paths += [p for p in sys.path if os.path.isabs(p) and os.path.realpath(p) not in too_wide]
+# System directories calls may read: shared libraries, data files, programs (for allow_subprocess).
+# Not /usr as a whole: a launch directory such as /usr/src/app must stay unreadable.
+_SYSTEM_DIRS = (
+    "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libexec", "/usr/share", "/usr/bin", "/usr/sbin",
+    "/usr/local/lib", "/usr/local/lib64", "/usr/local/share", "/usr/local/bin",
+    "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/sys/devices/system/cpu",
+)  # fmt: skip
+_SYSTEM_FILES = tuple(
+    ["/etc/" + f for f in ("ld.so.cache", "localtime", "passwd", "group", "nsswitch.conf", "mime.types")]
+    + ["/dev/" + f for f in ("null", "zero", "full", "random", "urandom")]
+)
+
+
+def interpreter_paths(modules: Sequence[str] = ()) -> list[str]:
+    """Where this interpreter's code lives: the standard library and site-packages (of the virtual
+    environment and of the base installation), and the packages of ``modules``, wherever installed."""
+    paths = []
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix, "installed_base": sys.base_prefix}
+    for scheme_vars in (None, base):
+        for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+            with contextlib.suppress(KeyError):
+                paths.append(sysconfig.get_path(key, vars=scheme_vars))
+    with contextlib.suppress(AttributeError):
+        paths += site.getsitepackages()
+    for name in modules:
+        module = sys.modules.get(name.partition(".")[0])
+        origin = getattr(module, "__file__", None)
+        if origin:
+            package = os.path.dirname(origin) if os.path.basename(origin).startswith("__init__.") else origin
+            paths += [package, package + ".libs"]  # wheels put bundled shared libraries beside it
+    pyvenv = os.path.join(sys.prefix, "pyvenv.cfg")  # a subprocess python reads it (allow_subprocess)
+    return [*paths, pyvenv]
+
+
+def default_readable_paths(
+    extra: Sequence[str], private: Sequence[str] = (), modules: Sequence[str] = ()
+) -> list[str]:
+    """Paths a call may read under Landlock: the interpreter's standard library and packages, the
+    packages of ``modules``, system libraries and data files, and ``extra``.
+
+    Never the directories in ``private`` (the trainer's working directory and script directory,
+    where ``.env`` files, runs and checkpoints live), ``/`` or the home directory: a path that
+    contains one of them is left out (``extra`` excepted, which the user chose).
+    """
+    paths = [*_SYSTEM_DIRS, *_SYSTEM_FILES, *interpreter_paths(modules)]
     try:
         import matplotlib
 
         paths.append(matplotlib.get_data_path())
     except ImportError:
         pass
-    paths += list(extra)
-    return list(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.exists(p)))
+    hidden = {os.path.realpath(p) for p in [*private, "/", os.path.expanduser("~")] if p}
+
+    def exposes_hidden(path: str) -> bool:
+        return any(h == path or h.startswith(path.rstrip("/") + "/") for h in hidden)
+
+    kept = [p for p in (os.path.realpath(p) for p in paths) if not exposes_hidden(p)]
+    kept += [os.path.realpath(p) for p in extra]
+    return list(dict.fromkeys(p for p in kept if os.path.exists(p)))
+
+
+def _blocking_ancestor(path: str) -> str | None:
+    """The topmost directory above ``path`` that other users may not enter (no o+x), if any."""
+    current = "/"
+    for part in path.strip("/").split("/")[:-1]:
+        current = os.path.join(current, part)
+        try:
+            mode = os.stat(current).st_mode
+        except OSError:
+            return None
+        if not mode & 0o001:
+            return current
+    return None
+
+
+def expose_to_other_users(paths: list[str]) -> list[str]:
+    """Let other users (the calls' uids) reach ``paths`` although a directory above them is
+    private, e.g. an interpreter installed in root's 0700 home. Only in a private mount namespace.
+
+    Each such directory is covered with a small tmpfs that holds only the way to ``paths``,
+    bind-mounted from the originals: the rest of the private directory disappears from this
+    namespace instead of becoming readable. File modes are not changed. Returns the covered
+    directories.
+    """
+    covered: list[str] = []
+    for _ in range(8):  # a private directory inside an exposed one is covered in the next round
+        blocked: dict[str, list[str]] = {}
+        for path in paths:
+            top = _blocking_ancestor(path)
+            if top is not None and top != "/" and os.path.exists(path):
+                blocked.setdefault(top, []).append(path)
+        if not blocked:
+            break
+        for top, inside in blocked.items():
+            keep = sorted(set(inside))
+            keep = [p for i, p in enumerate(keep) if not any(p.startswith(q + "/") for q in keep[:i])]
+            fds = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in keep}
+            try:
+                _linux.mount("tmpfs", top, "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV, "size=1m,mode=755")
+                for path, fd in fds.items():
+                    target = os.path.join(top, os.path.relpath(path, top))
+                    os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+                    if os.path.isdir(f"/proc/self/fd/{fd}"):
+                        os.mkdir(target, 0o755)
+                    else:
+                        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+                    _linux.mount(f"/proc/self/fd/{fd}", target, None, _linux.MS_BIND | _linux.MS_REC)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            covered.append(top)
+    return covered
+
+
+def unreadable_paths(paths: list[str]) -> list[str]:
+    """Those of ``paths`` this process cannot read (a directory: list), for the probe."""
+    bad = []
+    for path in paths:
+        try:
+            if os.path.isdir(path):
+                os.listdir(path)
+            else:
+                os.close(os.open(path, os.O_RDONLY))
+        except OSError:
+            bad.append(path)
+    return bad
 
 
 def count_user_tasks(uid: int) -> int:
@@ -207,27 +320,22 @@ def set_rlimits(opts: Any, nproc: int) -> None:
 def drop_privileges(conf_mechanisms: tuple[str, ...] | list[str], uid: int) -> str:
     """Give up root: switch to ``uid`` (setuid) or drop every capability (user namespace).
 
-    With setuid the call keeps CAP_DAC_READ_SEARCH only, to read an interpreter installed in a
-    private home (Landlock then limits reads to the allow-list). Returns what was done.
+    No capability survives either way; in particular not CAP_DAC_READ_SEARCH, which would let the
+    call read any file regardless of its mode. Returns what was done.
     """
     if os.geteuid() != 0:
         return "unprivileged"
-    keep = 1 << _linux.CAP_DAC_READ_SEARCH
-    if "setuid" in conf_mechanisms:
-        _linux.prctl(_linux.PR_SET_KEEPCAPS, 1)
-        _linux.drop_bounding_set(keep)
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
-        _linux.set_capabilities(keep)
-        return "setuid"
-    # Root inside a user namespace (or root with setuid disabled): no capabilities, and none
-    # regained by exec'ing as uid 0.
     _linux.drop_bounding_set(0)
     with contextlib.suppress(OSError):
         _linux.prctl(_linux.PR_SET_SECUREBITS, _linux.SECUREBITS_LOCKED_DOWN)
+    if "setuid" in conf_mechanisms:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    # Root inside a user namespace (or root with setuid disabled): no capabilities, and none
+    # regained by exec'ing as uid 0 (the locked securebits).
     _linux.set_capabilities(0)
-    return "no_capabilities"
+    return "setuid" if "setuid" in conf_mechanisms else "no_capabilities"
 
 
 def guard_concerns(conf: Confinement, opts: Any) -> list[str]:

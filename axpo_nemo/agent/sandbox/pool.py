@@ -174,7 +174,8 @@ class _Zygote:
             theirs.close()
         self.ctl = mine
         try:
-            send_msg(mine, {"config": dataclasses.asdict(config), "workdir_root": root})
+            header = {"config": dataclasses.asdict(config), "workdir_root": root, "private_dirs": _launch_dirs()}
+            send_msg(mine, header)
             reply, _, _ = recv_msg(mine, deadline=time.monotonic() + _ZYGOTE_START_TIMEOUT_S)
         except (OSError, EOFError, TimeoutError, ProtocolError) as e:
             self.kill()
@@ -217,6 +218,17 @@ class _Zygote:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.kill()
             self.proc.wait()
+
+
+def _launch_dirs() -> list[str]:
+    """Where the trainer was started from (working directory, script directory): calls must never
+    read these, whatever ``sys.path`` holds (``.env`` files, runs and checkpoints live there)."""
+    dirs = [os.getcwd()]
+    if sys.path and sys.path[0] and os.path.isabs(sys.path[0]):
+        dirs.append(sys.path[0])  # the script's directory, or the cwd under ``python -m``
+    if sys.argv and sys.argv[0] and os.path.exists(sys.argv[0]):
+        dirs.append(os.path.dirname(os.path.abspath(sys.argv[0])))
+    return list(dict.fromkeys(dirs))
 
 
 def _zygote_env() -> dict[str, str]:
