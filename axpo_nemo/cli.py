@@ -79,13 +79,14 @@ def _protocol_for(model_name: str):
 def _tools_list(args: argparse.Namespace) -> int:
     import json
 
-    from axpo_nemo.agent.tools.registry import build_tools
+    from axpo_nemo.agent.toolset import tool_schemas
     from axpo_nemo.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    with build_tools(cfg.tools) as tools:
-        for schema in tools.schemas():
-            print(json.dumps(schema, indent=2, ensure_ascii=False))
+    schemas, notes = tool_schemas(load_config(args.config, args.overrides))
+    for schema in schemas:
+        print(json.dumps(schema, indent=2, ensure_ascii=False))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -94,10 +95,13 @@ def _tools_run(args: argparse.Namespace) -> int:
 
     from axpo_nemo.agent.loop import AgentLoopConfig
     from axpo_nemo.agent.tool_debug import run_tool_call, save_images
-    from axpo_nemo.agent.tools.registry import build_tools
+    from axpo_nemo.agent.toolset import build_command_tools
     from axpo_nemo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.name not in cfg.tools.enabled:
+        print(f"axpo: tool '{args.name}' is not enabled (tools.enabled: {', '.join(cfg.tools.enabled)})", file=sys.stderr)
+        return 2
     images = []
     for path in args.image:
         try:
@@ -108,10 +112,7 @@ def _tools_run(args: argparse.Namespace) -> int:
             return 2
     protocol = _protocol_for(cfg.model.name)
     loop_cfg = AgentLoopConfig.from_rollout_config(cfg.rollout, tool_timeout_s=cfg.tools.timeout_s)
-    with build_tools(cfg.tools) as tools:
-        if args.name not in tools:
-            print(f"axpo: tool '{args.name}' is not enabled (tools.enabled: {', '.join(tools)})", file=sys.stderr)
-            return 2
+    with build_command_tools(cfg, [args.name]) as tools:
         report = run_tool_call(protocol, dict(tools), args.name, args.args, images, loop_cfg)
     status = "ok" if report.error is None else f"error ({report.error})"
     print(f"call: {report.call_text!r}")
@@ -303,17 +304,13 @@ def _export(args: argparse.Namespace) -> int:
     cfg, _ = _load(args)
     quant, schemas = None, None
     if args.quantize:
-        from axpo_nemo.agent.tools.registry import build_tools
+        from axpo_nemo.agent.toolset import tool_schemas
 
         extra = {"exclude": args.quant_exclude} if args.quant_exclude else {}
         quant = QuantizeConfig(
             format=args.quantize, calib_samples=args.calib_samples, device=args.device, **extra
         )
-        try:  # calibration prompts declare the tools, as rollouts do
-            with build_tools(cfg.tools) as tools:
-                schemas = tools.schemas()
-        except ValueError as exc:
-            print(f"axpo: calibrating without tool schemas ({exc})", file=sys.stderr)
+        schemas, _ = tool_schemas(cfg)  # calibration prompts declare the tools, as rollouts do
     try:
         made = export_any(
             args.run, args.out, source_format=args.format, step=args.step, cfg=cfg,

@@ -110,3 +110,60 @@ def test_search_tool_needs_a_backend_named_by_config():
     cfg = load_config("demo", ["tools.enabled=[search]"])
     with pytest.raises(ValueError, match=r"tools\.search.*corpus_path"):
         build_tools(cfg.tools)
+
+
+# -- the default (demo) config: commands build only the tools they run --------------------------
+
+
+@pytest.fixture
+def fresh_dir(tmp_path, monkeypatch):
+    """A working directory without runs/ (the demo's output_dir is relative to it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_tools_list_on_the_default_config_lists_search_with_a_note(fresh_dir, capsys):
+    assert main(["tools", "list"]) == 0
+    captured = capsys.readouterr()
+    for name in ("image_zoom_in", "python", "search"):
+        assert f'"name": "{name}"' in captured.out
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith("note: search has no corpus") and "tools.search.corpus_path" in captured.err
+
+
+def test_readme_tools_run_examples_work_on_the_default_config(fresh_dir, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (640, 480), "blue").save(fresh_dir / "photo.png")
+    assert main(["tools", "run", "image_zoom_in", "--args", '{"bbox_2d": [0, 0, 500, 500]}', "--image", "photo.png"]) == 0
+    assert "status: ok" in capsys.readouterr().out
+    assert main(["tools", "run", "python", "--args", '{"code": "print(image.size)"}', "--image", "photo.png"]) == 0
+    out = capsys.readouterr().out
+    assert "status: ok" in out and "(640, 480)" in out
+
+
+def test_tools_run_search_reads_the_data_folder_corpus_or_names_the_key(fresh_dir, capsys):
+    search = ["tools", "run", "search", "--args", '{"query": "capital of Norland"}']
+    assert main(search) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tools.search.corpus_path" in err and "runs/demo/data/corpus.jsonl" in err
+    corpus = fresh_dir / "runs" / "demo" / "data" / "corpus.jsonl"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text('{"id": "1", "contents": "\\"Norland\\"\\nThe capital of Norland is Brask."}\n')
+    assert main(search) == 0
+    assert "The capital of Norland is Brask." in capsys.readouterr().out
+    assert main([*search, "tools.search.corpus_path=missing.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tools.search.corpus_path: missing.jsonl does not exist" in err
+
+
+def test_eval_suite_perception_needs_no_search_corpus(fresh_dir, capsys):
+    (fresh_dir / "bench").mkdir()
+    # Search benchmarks need a corpus (never the synthetic task's): one line before any model loads.
+    assert main(["eval", "--suite", "search", "--data-dir", "bench"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tools.search.corpus_path" in err
+    # Perception benchmarks never search: the run gets as far as reading the benchmark files.
+    assert main(["eval", "--suite", "perception", "--data-dir", "bench"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "benchmark 'hrbench_4k'" in err and "corpus" not in err

@@ -37,7 +37,8 @@ from omegaconf import OmegaConf
 
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol
-from axpo_nemo.agent.tools.registry import Toolbox, build_tools
+from axpo_nemo.agent.tools.registry import Toolbox
+from axpo_nemo.agent.toolset import build_command_tools, data_dir
 from axpo_nemo.config.loader import ConfigError
 from axpo_nemo.config.schema import Config
 from axpo_nemo.data.schema import Sample, read_samples
@@ -90,7 +91,7 @@ class Pipeline:
         self.out = Path(cfg.output_dir)
         self.console = console
         self.result = RunResult(self.out)
-        self.data_dir = Path(cfg.data.dir) if cfg.data.dir else self.out / "data"
+        self.data_dir = data_dir(cfg)
         self.loop_cfg = AgentLoopConfig.from_rollout_config(
             cfg.rollout, tool_timeout_s=cfg.tools.timeout_s, tool_workers=cfg.tools.workers, seed=cfg.seed
         )
@@ -140,22 +141,8 @@ class Pipeline:
         return self.result
 
     def _tools(self) -> Toolbox:
-        tools_cfg = self.cfg.tools
-        corpus = self.data_dir / "corpus.jsonl"
-        if (
-            "search" in tools_cfg.enabled
-            and not tools_cfg.search.corpus_path
-            and tools_cfg.search.backend == "bm25"
-        ):
-            if not corpus.exists():
-                raise ConfigError(
-                    "tools.enabled has 'search' but tools.search.corpus_path is unset and "
-                    f"{corpus} does not exist (enable the data stage or set the path)"
-                )
-            tools_cfg = dataclasses.replace(
-                tools_cfg, search=dataclasses.replace(tools_cfg.search, corpus_path=str(corpus))
-            )
-        return build_tools(tools_cfg)
+        """Every enabled tool; search reads the data folder's corpus unless a path is set."""
+        return build_command_tools(self.cfg)
 
     def stage_data(self) -> None:
         """Generate the synthetic task, or reuse the folder when its manifest has the same settings."""

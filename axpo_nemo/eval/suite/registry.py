@@ -18,6 +18,12 @@ from axpo_nemo.eval.suite import perception, reasoning, search
 from axpo_nemo.eval.suite.tables import ImageStore
 
 GROUPS = ("reasoning", "perception", "search")
+#: The tools each group's questions may use.
+GROUP_TOOLS = {
+    "reasoning": tuple(reasoning.REASONING_TOOLS),
+    "perception": tuple(perception.PERCEPTION_TOOLS),
+    "search": tuple(search.SEARCH_TOOLS),
+}
 #: How a benchmark turns per-question Pass@k into its score (see `scoring`).
 AGGREGATES = ("mean", "cycles", "variants")
 
@@ -45,6 +51,11 @@ class Benchmark:
     aggregate: str = "mean"
     formats: str = ""
     reward_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        """The tools this benchmark's questions may use (its group's)."""
+        return GROUP_TOOLS[self.group]
 
     def load(self, folder: Path, store: ImageStore) -> list[Sample]:
         """The benchmark's questions from ``folder`` (its files in their public format)."""

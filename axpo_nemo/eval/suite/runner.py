@@ -69,7 +69,8 @@ def run_suite(
     Args:
         generator: a `Generator` (or a `PolicyBundle`, sampled with a `LocalGenerator`).
         protocol: the model's chat protocol.
-        tools: the enabled tools; each question sees only those its benchmark allows.
+        tools: the enabled tools; each benchmark gets (and its results depend on) only those it
+            allows.
         benchmarks: from `resolve_suite`.
         data_dir: holds one folder per benchmark key with its files in their public format.
         out_dir: the output folder (see the module docstring).
@@ -91,13 +92,15 @@ def run_suite(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     reward_cfg = reward_cfg or RewardConfig()
     model_dir = out_dir / label
+    registry = dict(tools) if isinstance(tools, Mapping) else {t.name: t for t in tools}
     scores: list[BenchmarkScore] = []
     for bench in benchmarks:
         store = ImageStore(out_dir / IMAGES_DIR / bench.key)
         samples = bench.load(data_dir / bench.key, store)
         logger.info("%s: %d questions", bench.key, len(samples))
+        bench_tools = {name: tool for name, tool in registry.items() if name in bench.tools}
         report = evaluate(
-            generator, protocol, tools, samples, store.root, cfg, loop_cfg,
+            generator, protocol, bench_tools, samples, store.root, cfg, loop_cfg,
             results_path=model_dir / bench.key / "results.jsonl",
             progress=(lambda done, total, key=bench.key: progress(key, done, total)) if progress else None,
             reward_cfg=dataclasses.replace(reward_cfg, **bench.reward_overrides),
@@ -177,11 +180,17 @@ def run_suite_command(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[SuiteResult, dict[str, Path]]:
     """What ``axpo eval --suite`` does with a loaded `Config`: build the engine and tools, run the
-    suite, write the reports. Returns the result and the report paths."""
+    suite, write the reports. Returns the result and the report paths.
+
+    Only the tools the chosen benchmarks allow are built (a perception run needs no search
+    corpus); search reads ``tools.search.corpus_path`` or ``tools.search.url``, never the
+    synthetic task's corpus."""
     from axpo_nemo.agent.tools.registry import build_tools
+    from axpo_nemo.agent.toolset import resolve_tools_config
     from axpo_nemo.eval.suite.report import REPORT_FILES
 
     benchmarks = resolve_suite(suite)
+    tools_cfg = resolve_tools_config(cfg, {name for bench in benchmarks for name in bench.tools}, data_corpus=False)
     if engine not in ENGINES:
         raise EngineUnavailable(f"--engine: choose one of {', '.join(ENGINES)} (got {engine!r})")
     if not Path(data_dir).is_dir():
@@ -193,7 +202,7 @@ def run_suite_command(
     loop_cfg = AgentLoopConfig.from_rollout_config(
         cfg.rollout, tool_timeout_s=cfg.tools.timeout_s, tool_workers=cfg.tools.workers, seed=cfg.seed
     )
-    with build_tools(cfg.tools) as tools:
+    with build_tools(tools_cfg) as tools:
         result = run_suite(
             generator, protocol, tools, benchmarks, data_dir, out, cfg.eval, loop_cfg,
             label=label or default_label(run, cfg.model.name), model_id=model_id, engine=engine,
