@@ -122,6 +122,28 @@ CASES: list[tuple[str, str]] = [
     ("py-input", _py("input()")),
     ("py-thread-bomb", _py("import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(100,)).start()")),
     ("py-blocked-import", _py("import torch")),
+    # --- python: output caps bypassed through the error type ---
+    ("py-huge-exception-class", _py("raise type('E' * 2_000_000, (Exception,), {})('x')")),
+    (
+        "py-forged-status-frame",
+        _py(
+            "import json, os, struct\n"
+            "p = json.dumps({'status': 'exception', 'type': 'E' * 20_000_000}).encode()\n"
+            "data = memoryview(struct.pack('!cI', b'S', len(p)) + p)\n"
+            "while data:\n    data = data[os.write(3, data):]\n"
+            "os._exit(1)"
+        ),
+    ),
+    (
+        "py-forged-setup-failure",
+        _py(
+            "import json, os, struct\n"
+            "p = json.dumps({'status': 'setup_failed', 'error': 'x' * 5_000_000}).encode()\n"
+            "data = memoryview(struct.pack('!cI', b'S', len(p)) + p)\n"
+            "while data:\n    data = data[os.write(3, data):]\n"
+            "os._exit(1)"
+        ),
+    ),
 ]
 
 
@@ -250,6 +272,8 @@ def test_adversarial_corpus_through_the_loop(tmp_path: Path, listener, monkeypat
             failures.append(f"{case}: took {record.duration_s:.1f} s")
         elif not state.turns[0].observation_len:
             failures.append(f"{case}: no observation was appended")
+        elif len(record.response_text) > loop_cfg.max_observation_chars:
+            failures.append(f"{case}: a {len(record.response_text)}-character observation")
         elif SECRET in record.response_text or ".env" in record.response_text.replace(f"{LAUNCH}/.env", ""):
             failures.append(f"{case}: the launch directory's secrets leaked")
     assert not failures, "\n".join(failures)

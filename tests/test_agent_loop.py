@@ -265,6 +265,48 @@ def test_odd_tool_outputs_never_break_the_trajectory(proto, prompt):
         assert_renders_back(s, proto)
 
 
+def _flood(arguments, context):
+    return ToolResult(text="HEAD" + "x" * 5_000_000 + "TAIL")
+
+
+def _loud_crash(arguments, context):
+    raise RuntimeError("y" * 5_000_000)
+
+
+def test_every_observation_is_capped_before_tokenizing(proto, prompt, monkeypatch):
+    tools = [*TOOLS, FakeTool("flood", _flood), FakeTool("loud", _loud_crash)]
+    states = [make_state(prompt, [call(name), answer("1")], i) for i, name in enumerate(["flood", "loud"])]
+    rendered: list[int] = []
+    render = proto.render_observation
+
+    def spy(responses, **kwargs):
+        rendered.extend(len(r.text) for r in responses)
+        return render(responses, **kwargs)
+
+    monkeypatch.setattr(proto, "render_observation", spy)
+    config = AgentLoopConfig(max_new_tokens=128, max_total_tokens=20_000, max_observation_chars=1000)
+    run_rollouts(states, ScriptedGenerator(proto.tokenizer), tools, config, protocol=proto)
+    assert rendered and max(rendered) <= 1000  # what reaches the tokenizer
+    flood, loud = (s.tool_calls[0] for s in states)
+    assert flood.response_text.startswith("HEAD") and flood.response_text.endswith("TAIL")
+    assert "characters omitted" in flood.response_text and len(flood.response_text) <= 1000
+    assert loud.error == "crashed" and len(loud.response_text) <= 1000
+    for state in states:
+        rec = state.tool_calls[0]
+        assert state.finish_reason == "answer"
+        assert f"<tool_response>\n{rec.response_text}\n</tool_response>" in proto.decode(state.token_ids)
+
+
+@pytest.mark.parametrize("n", [0, 10, 255, 256, 257, 1000, 123_456])
+def test_cap_text_keeps_head_and_tail_within_the_limit(n):
+    from axpo_nemo.agent.tools.base import cap_text
+
+    text = "".join(chr(ord("a") + i % 26) for i in range(n))
+    capped = cap_text(text, 256)
+    assert len(capped) <= 256
+    assert capped == text if n <= 256 else (capped[:10] == text[:10] and capped[-10:] == text[-10:])
+
+
 def test_images_per_trajectory_are_capped(proto, prompt):
     state = make_state(prompt, [call("images", n=3), call("images", n=1), answer("x")])
     run([state], proto, max_images=2)
@@ -446,5 +488,7 @@ def test_config_and_protocol_objects():
 
     cfg = AgentLoopConfig.from_rollout_config(Rollout(), seed=5)
     assert (cfg.max_turns, cfg.max_new_tokens, cfg.temperature, cfg.seed) == (2, 64, 0.7, 5)
+    Rollout.max_observation_chars = 4096
+    assert AgentLoopConfig.from_rollout_config(Rollout()).max_observation_chars == 4096
     assert cfg.sampling_params(10).stop_token_texts == ("</tool_call>", "<|im_end|>")
     assert format_tool_call("a", {}) == '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>'

@@ -137,6 +137,12 @@ def test_exception_text_has_the_traceback(tool):
     )
 
 
+def test_a_huge_exception_name_is_not_echoed(tool):
+    result = call(tool, "raise type('E' * 2_000_000, (Exception,), {})('x')")
+    assert result.error == "exception" and result.text.startswith("Error: the code raised an exception")
+    assert len(result.text) < 2 * CONFIG.max_output_bytes + 500
+
+
 def test_context_timeout_is_respected(tool):
     result = call(tool, "import time; time.sleep(100)", timeout_s=0.3)
     assert result.error == "timeout" and "within 0.3 s" in result.text

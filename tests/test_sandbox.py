@@ -591,6 +591,47 @@ def test_forged_result_frames_are_ignored(pool):
     assert result.ok and result.images == [] and result.images_dropped == 1
 
 
+FORGE = textwrap.dedent(
+    """
+    import json, os, struct
+    payload = json.dumps(@STATUS@).encode()
+    data = memoryview(struct.pack("!cI", b"S", len(payload)) + payload)
+    while data:
+        data = data[os.write(3, data):]
+    os._exit(1)
+    """
+)
+
+
+def test_exception_names_are_short_identifiers(pool):
+    huge = pool.run("raise type('E' * 2_000_000, (Exception,), {})('x')")
+    assert huge.failure == "exception" and huge.error_type is None
+    assert len(huge.stderr) < 2 * 4096 + 200
+    odd = pool.run("raise type('not a name', (Exception,), {})('x')")
+    assert odd.failure == "exception" and odd.error_type is None
+    named = pool.run("class Boom(Exception):\n    pass\nraise Boom()")
+    assert named.failure == "exception" and named.error_type == "Boom"
+
+
+@pytest.mark.parametrize(
+    ("status", "failure"),
+    [
+        ("{'status': 'exception', 'type': 'E' * 3_000_000}", "exception"),
+        ("{'status': 'exception', 'type': ['E'] * 1000}", "exception"),
+        ("{'status': 'setup_failed', 'error': 'x' * 5_000_000}", "sandbox_error"),
+        ("{'status': 'probe', 'applied': ['a' * 10**6] * 5, 'failed': {'b' * 10**6: 'c' * 10**6}}", "exit"),
+    ],
+    ids=["huge_type", "type_not_a_string", "huge_setup_error", "huge_probe_report"],
+)
+def test_forged_status_frames_stay_small(pool, status, failure):
+    """The code can write its own status frame on fd 3; nothing of it reaches the pool uncapped."""
+    start = time.monotonic()
+    result = pool.run(FORGE.replace("@STATUS@", status))
+    assert result.failure == failure and result.error_type is None
+    assert sum(len(n) for n in result.notes) < 4000
+    assert time.monotonic() - start < TIMEOUT_S + 3.0
+
+
 def test_non_utf8_output_is_replaced(pool):
     result = pool.run("import sys; sys.stdout.buffer.write(b'ok \\xff\\xfe end\\n')")
     assert result.ok and result.stdout == "ok \ufffd\ufffd end\n"

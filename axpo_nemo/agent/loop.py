@@ -26,7 +26,7 @@ from axpo_nemo.agent.protocol import (
     ProcessedImage,
     ToolResponse,
 )
-from axpo_nemo.agent.tools.base import Tool, ToolContext, ToolResult
+from axpo_nemo.agent.tools.base import MAX_OBSERVATION_CHARS, Tool, ToolContext, ToolResult, cap_text
 from axpo_nemo.agent.trajectory import ToolCallRecord, TrajectoryState
 from axpo_nemo.core.config import field_errors, setting
 
@@ -129,6 +129,12 @@ class AgentLoopConfig:
         8192, "Tokens per trajectory (prompt, turns, observations) at most.", ge=2
     )
     max_images: int = setting(8, "Images per trajectory (question and tool results) at most.", ge=0)
+    max_observation_chars: int = setting(
+        MAX_OBSERVATION_CHARS,
+        "Characters of one tool response at most, whatever the tool returns: the middle is elided "
+        "before anything is tokenized.",
+        ge=256,
+    )
     temperature: float = setting(1.0, "Sampling temperature (0: greedy).", ge=0.0)
     top_p: float = setting(1.0, "Nucleus sampling mass.", gt=0.0, le=1.0)
     seed: int = setting(0, "Base sampling seed (mixed with each trajectory's seed).")
@@ -146,7 +152,10 @@ class AgentLoopConfig:
     @classmethod
     def from_rollout_config(cls, rollout: Any, **overrides: Any) -> AgentLoopConfig:
         """Take the shared fields from a `RolloutConfig`-like object, then apply ``overrides``."""
-        names = ("max_turns", "max_new_tokens", "max_total_tokens", "max_images", "temperature", "top_p")
+        names = (
+            "max_turns", "max_new_tokens", "max_total_tokens", "max_images", "max_observation_chars",
+            "temperature", "top_p",
+        )  # fmt: skip
         values = {n: getattr(rollout, n) for n in names if hasattr(rollout, n)}
         return cls(**{**values, **overrides})
 
@@ -241,9 +250,10 @@ def _tool_registry(tools: Sequence[Tool] | Mapping[str, Tool]) -> dict[str, Tool
 
 
 def _make_job(
-    tool: Tool, arguments: dict[str, Any], context: ToolContext, protocol: ChatProtocol
+    tool: Tool, arguments: dict[str, Any], context: ToolContext, protocol: ChatProtocol, max_chars: int
 ) -> Callable[[], _Outcome]:
-    """A job that runs the tool and processes the images it returns (off the main thread)."""
+    """A job that runs the tool and processes the images it returns (off the main thread); the
+    text is cut to ``max_chars`` first."""
 
     def job() -> _Outcome:
         t0 = time.monotonic()
@@ -256,7 +266,7 @@ def _make_job(
                 images.append(protocol.process_image(img))
             except Exception as exc:
                 notes.append(f"[an image could not be processed: {type(exc).__name__}]")
-        text = protocol.sanitize_tool_text("\n".join([str(result.text), *notes]))
+        text = protocol.sanitize_tool_text("\n".join([cap_text(str(result.text), max_chars), *notes]))
         error = None if result.error is None else str(result.error)
         metadata = dict(result.metadata) if isinstance(result.metadata, dict) else {}
         return _Outcome(ToolResult(text, [], error, metadata), images, time.monotonic() - t0)
@@ -319,7 +329,7 @@ def _observe(
     protocol: ChatProtocol,
     cfg: AgentLoopConfig,
 ) -> None:
-    """Cap images, render the observation, fit it into the token budget and append it."""
+    """Cap images and text, render the observation, fit it into the token budget and append it."""
     remaining = cfg.max_images - len(state.images)
     responses = []
     for out in outcomes:
@@ -329,7 +339,7 @@ def _observe(
         if len(out.images) > len(keep):
             dropped = len(out.images) - len(keep)
             text += f"\n[{dropped} image(s) not shown: at most {cfg.max_images} images per trajectory]"
-        responses.append(ToolResponse(text, keep))
+        responses.append(ToolResponse(cap_text(text, cfg.max_observation_chars), keep))
     turn_closed = state.turns[-1].stop_token == IM_END
     obs: Observation = protocol.render_observation(responses, turn_closed=turn_closed)
     room = cfg.max_total_tokens - len(state) - 1  # leave room to generate at least one token
@@ -421,7 +431,8 @@ def run_rollouts(
             )
             for rec in records:
                 if rec.parse_error is None:
-                    jobs.append(_make_job(registry[rec.name], rec.arguments, context, protocol))
+                    job = _make_job(registry[rec.name], rec.arguments, context, protocol, cfg.max_observation_chars)
+                    jobs.append(job)
                     owners.append(rec)
 
         results = _run_jobs(runner, jobs, [rec.name for rec in owners], cfg.tool_timeout_s)

@@ -63,6 +63,7 @@ def run_tool_call(
         max_new_tokens=max(cfg.max_new_tokens, 4096),
         max_total_tokens=1 << 30,
         max_images=cfg.max_images,
+        max_observation_chars=cfg.max_observation_chars,
         tool_timeout_s=cfg.tool_timeout_s,
         tool_workers=1,
     )

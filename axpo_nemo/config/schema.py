@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from axpo_nemo.agent.rewards import RewardConfig
+from axpo_nemo.agent.tools.base import MAX_OBSERVATION_CHARS
 from axpo_nemo.agent.tools.config import ToolsConfig
 from axpo_nemo.config.cluster import ClusterConfig, NemoConfig
 from axpo_nemo.core.config import AdvantageConfig, AXPOConfig, LossConfig, setting
@@ -78,6 +79,12 @@ class RolloutConfig:
     max_new_tokens: int = setting(1024, "Tokens generated per assistant turn at most.", ge=1)
     max_total_tokens: int = setting(8192, "Tokens per trajectory (prompt, turns, observations) at most.", ge=16)
     max_images: int = setting(8, "Images per trajectory (question and tool results) at most.", ge=0)
+    max_observation_chars: int = setting(
+        MAX_OBSERVATION_CHARS,
+        "Characters of one tool response at most, whatever the tool returns (the middle is elided "
+        "before tokenizing).",
+        ge=256,
+    )
     temperature: float = setting(1.0, "Sampling temperature.", gt=0.0)
     top_p: float = setting(1.0, "Nucleus sampling mass.", gt=0.0, le=1.0)
 

@@ -16,6 +16,25 @@ from typing import Any
 
 _LEN = struct.Struct("!I")
 MAX_HEADER = 64 * 1024 * 1024
+MAX_NAME_CHARS = 100
+
+
+def exception_name(value: object) -> str | None:
+    """``value`` if it can be an exception's class name (a Python identifier of at most
+    `MAX_NAME_CHARS` characters), else None. The name comes from the sandboxed code, which
+    chooses it (``type("E" * 10**6, (Exception,), {})``) or forges the whole status frame."""
+    if isinstance(value, str) and len(value) <= MAX_NAME_CHARS and value.isidentifier():
+        return value
+    return None
+
+
+def short_text(value: object, limit: int = 2000) -> str:
+    """``value`` as text of at most ``limit`` characters (the middle elided)."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    half = (limit - 40) // 2
+    return f"{text[:half]} ... [{len(text) - 2 * half} characters omitted] ... {text[len(text) - half:]}"
 
 
 class ProtocolError(Exception):
@@ -54,9 +73,18 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
 
 
 def recv_msg(
-    sock: socket.socket, *, max_bytes: int = 1 << 31, deadline: float | None = None, with_fds: bool = False
+    sock: socket.socket,
+    *,
+    max_bytes: int = 1 << 31,
+    max_header: int = MAX_HEADER,
+    deadline: float | None = None,
+    with_fds: bool = False,
 ) -> tuple[dict[str, Any], list[bytes], list[int]]:
-    """Receive one message: (header, blobs, fds). Raises EOFError, TimeoutError or ProtocolError."""
+    """Receive one message: (header, blobs, fds). Raises EOFError, TimeoutError or ProtocolError.
+
+    A header longer than ``max_header`` bytes, or blobs longer than ``max_bytes`` in all, is a
+    `ProtocolError` before anything of it is read.
+    """
     fds: list[int] = []
     if deadline is None:
         sock.settimeout(None)
@@ -70,7 +98,7 @@ def recv_msg(
     else:
         first = _recv_exact(sock, _LEN.size, deadline)
     (n,) = _LEN.unpack(first)
-    if n > min(MAX_HEADER, max_bytes):
+    if n > min(MAX_HEADER, max_header, max_bytes):
         raise ProtocolError(f"header of {n} bytes is too large")
     try:
         header = json.loads(_recv_exact(sock, n, deadline))

@@ -23,6 +23,8 @@ from typing import Any, NoReturn
 
 from PIL import Image
 
+from axpo_nemo.agent.sandbox._protocol import exception_name
+
 CODE_NAME = "<code>"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 _FRAME = struct.Struct("!cI")
@@ -199,7 +201,7 @@ def run(code: str, images: list[Image.Image], opts: Any, workdir: str, result_fd
             status = {"status": "exit", "code": e.code if isinstance(e.code, int) else 1}
     except BaseException as e:
         exit_code = 1
-        status = {"status": "exception", "type": type(e).__name__}
+        status = {"status": "exception", "type": exception_name(type(e).__name__)}
         try:
             _print_exception(e)
         except BaseException:

@@ -26,7 +26,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from axpo_nemo.agent.sandbox import _linux, _process, _runner
-from axpo_nemo.agent.sandbox._protocol import ProtocolError, recv_msg, send_msg
+from axpo_nemo.agent.sandbox._protocol import ProtocolError, exception_name, recv_msg, send_msg, short_text
 from axpo_nemo.agent.sandbox.confinement import (
     apply_call_confinement,
     expose_to_other_users,
@@ -393,13 +393,30 @@ class Worker:
             "exit_code": None if sig else exit_code,
             "signal": sig,
             "failure": failure,
-            "error_type": child.get("type"),
+            "error_type": exception_name(child.get("type")),
             "duration_s": elapsed,
             "cpu_s": cpu_s,
             "images_dropped": dropped,
-            "child": child if child.get("status") in ("probe", "setup_failed") else {},
+            "child": _setup_report(child),
         }
         return reply, images
+
+
+def _setup_report(child: dict[str, Any]) -> dict[str, Any]:
+    """What the pool needs of a probe's or failed setup's status frame, every field bounded: the
+    frame may be forged by the code (fd 3 is open to it)."""
+    status = child.get("status")
+    if status not in ("probe", "setup_failed"):
+        return {}
+    report: dict[str, Any] = {"status": status}
+    if "error" in child:
+        report["error"] = short_text(child["error"])
+    applied, failed = child.get("applied"), child.get("failed")
+    if isinstance(applied, list):
+        report["applied"] = [short_text(m, 100) for m in applied[:32]]
+    if isinstance(failed, dict):
+        report["failed"] = {short_text(k, 100): short_text(v) for k, v in list(failed.items())[:32]}
+    return report
 
 
 def _classify(

@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image
 
-from axpo_nemo.agent.sandbox._protocol import ProtocolError, recv_msg, send_msg
+from axpo_nemo.agent.sandbox._protocol import ProtocolError, exception_name, recv_msg, send_msg, short_text
 from axpo_nemo.agent.sandbox.config import SandboxConfig
 from axpo_nemo.agent.sandbox.confinement import Confinement
 
@@ -312,6 +312,11 @@ class SandboxPool:
         self._finalizer = weakref.finalize(self, self._state.cleanup)
         self._closed = False
         self._confinement: Confinement | None = None
+        c = self.config
+        # A reply carries two capped streams (JSON-escaped: at most 6 characters a byte) and a few
+        # short fields, then PNGs as the worker bounds them; anything larger is a broken worker.
+        self._max_reply_header = 12 * c.max_output_bytes + (1 << 20)
+        self._max_reply_images = c.max_images * (c.max_image_pixels * 5 + (1 << 20)) + (1 << 20)
         if start:
             self.start()
 
@@ -458,7 +463,12 @@ class SandboxPool:
                     return SandboxResult(failure="sandbox_error", notes=[f"the sandbox worker died: {e}"])
                 continue
             try:
-                reply, images, _ = recv_msg(sock, deadline=time.monotonic() + timeout + _REPLY_GRACE_S)
+                reply, images, _ = recv_msg(
+                    sock,
+                    deadline=time.monotonic() + timeout + _REPLY_GRACE_S,
+                    max_header=self._max_reply_header,
+                    max_bytes=self._max_reply_images,
+                )
             except TimeoutError:
                 worker.discard()
                 return SandboxResult(failure="timeout", notes=["the sandbox worker stopped answering"])
@@ -476,8 +486,8 @@ class SandboxPool:
         images, bad = _decode_images(blobs, self.config.max_image_pixels)
         notes = []
         child = reply.get("child") or {}
-        if child.get("error"):
-            notes.append(f"sandbox setup failed: {child['error']}")
+        if isinstance(child, dict) and child.get("error"):
+            notes.append(f"sandbox setup failed: {short_text(child['error'])}")
         failure = reply.get("failure")
         if failure is not None and failure not in FAILURES:
             failure = "sandbox_error"
@@ -488,7 +498,7 @@ class SandboxPool:
             failure=failure,
             exit_code=reply.get("exit_code"),
             signal=reply.get("signal"),
-            error_type=reply.get("error_type"),
+            error_type=exception_name(reply.get("error_type")),
             duration_s=float(reply.get("duration_s", 0.0)),
             stdout_omitted=int(reply.get("stdout_omitted", 0)),
             stderr_omitted=int(reply.get("stderr_omitted", 0)),

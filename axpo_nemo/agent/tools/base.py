@@ -14,6 +14,20 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
+#: Characters of one tool response at most (the agent loop's default `max_observation_chars`).
+MAX_OBSERVATION_CHARS = 65_536
+
+
+def cap_text(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters: its head and tail, with a marker saying how
+    many characters were omitted in between."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - len(f"\n... [{len(text)} characters omitted] ...\n"), 0)
+    head, tail = keep - keep // 2, keep // 2
+    marker = f"\n... [{len(text) - keep} characters omitted] ...\n"
+    return text[:head] + marker + text[len(text) - tail :]
+
 
 @dataclass
 class ToolContext:
