@@ -12,13 +12,22 @@ config) followed by config overrides (``key=value``, ``+key=value``, ``++key=val
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from axpo_nemo import __version__
 
 Handler = Callable[[argparse.Namespace], int]
+
+#: Environment variable that, set to anything but "" or "0", shows tracebacks (as ``--debug``).
+DEBUG_ENV = "AXPO_DEBUG"
+#: Errors a user causes and can fix (a missing file or folder, a bad value, a corrupt shard, an
+#: optional package not installed): their message names what is wrong, so the command prints that
+#: one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, ModuleNotFoundError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -196,6 +205,15 @@ def _shard_cfg(args: argparse.Namespace):
     return ShardConfig(max_samples=args.shard_samples, max_bytes=int(args.shard_mb * 2**20))
 
 
+@contextlib.contextmanager
+def _overwrite_hint(out: str) -> Iterator[None]:
+    """Name the command's own option when the output folder already holds a dataset."""
+    try:
+        yield
+    except FileExistsError as exc:
+        raise FileExistsError(f"{out} already holds a dataset; --overwrite replaces it") from exc
+
+
 def _data_convert(args: argparse.Namespace) -> int:
     from axpo_nemo.data.converters import ConvertConfig, convert
 
@@ -204,7 +222,8 @@ def _data_convert(args: argparse.Namespace) -> int:
         max_pass_rate=args.max_pass_rate, keep_responses=args.keep_responses, limit=args.limit,
         shard=_shard_cfg(args),
     )  # fmt: skip
-    report = convert(args.format, args.input, args.out, cfg, overwrite=args.overwrite)
+    with _overwrite_hint(args.out):
+        report = convert(args.format, args.input, args.out, cfg, overwrite=args.overwrite)
     for bad in report.bad_examples:
         print(f"  bad row {bad['row']}: {bad['error']}", file=sys.stderr)
     print(report.summary())
@@ -216,10 +235,11 @@ def _data_filter_sft(args: argparse.Namespace) -> int:
     from axpo_nemo.data.sft_filter import filter_sft
 
     cfg, _ = _load(args)
-    report = filter_sft(
-        args.input, args.out, output=args.output, shard_cfg=_shard_cfg(args), reward_cfg=cfg.reward,
-        overwrite=args.overwrite,
-    )  # fmt: skip
+    with _overwrite_hint(args.out):
+        report = filter_sft(
+            args.input, args.out, output=args.output, shard_cfg=_shard_cfg(args), reward_cfg=cfg.reward,
+            overwrite=args.overwrite,
+        )  # fmt: skip
     print(report.summary())
     return 0
 
@@ -231,10 +251,11 @@ def _data_prune(args: argparse.Namespace) -> int:
         k=args.k, drop_sft_solved=not args.keep_sft_solved, drop_teacher_failed=not args.keep_teacher_failed,
         missing=args.missing,
     )  # fmt: skip
-    report = prune_pool(
-        args.pool, args.out, args.sft_results, args.teacher_results, cfg, output=args.output,
-        shard_cfg=_shard_cfg(args), overwrite=args.overwrite,
-    )  # fmt: skip
+    with _overwrite_hint(args.out):
+        report = prune_pool(
+            args.pool, args.out, args.sft_results, args.teacher_results, cfg, output=args.output,
+            shard_cfg=_shard_cfg(args), overwrite=args.overwrite,
+        )  # fmt: skip
     print(report.summary())
     print(f"written: {args.out} (dropped ids: {args.out}/pruned.jsonl, report: {args.out}/prune_report.json)")
     return 0
@@ -369,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="AXPO: reinforcement learning that teaches vision-language models to use their tools.",
     )
     parser.add_argument("--version", action="version", version=f"axpo-nemo {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true",
+        help=f"show the traceback of an error (also: {DEBUG_ENV}=1; may follow the subcommand too)",
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     config = commands.add_parser("config", help="inspect configurations", description="Inspect configurations.")
@@ -558,13 +583,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's message as one line (an OSError with a file name: ``path: reason``)."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(lines) <= 1 else f"{text} …"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``axpo`` console script; returns the process exit code."""
+    """Entry point of the ``axpo`` console script; returns the process exit code.
+
+    A user error (see `USER_ERRORS`; config errors included) prints one line on stderr and exits
+    with 2; ``--debug`` or ``AXPO_DEBUG=1`` shows its traceback instead.
+    """
     from axpo_nemo.config import ConfigError
 
     parser = build_parser()
-    # Overrides may follow options (`run NAME --args … key=value`), which argparse leaves unparsed.
+    # Overrides may follow options (`run NAME --args … key=value`), which argparse leaves unparsed;
+    # so may --debug.
     args, extra = parser.parse_known_args(argv)
+    debug = args.debug or "--debug" in extra or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    extra = [x for x in extra if x != "--debug"]
     stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -573,7 +614,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ConfigError as exc:
-        print(f"axpo: config error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"axpo: config error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        print(f"axpo: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

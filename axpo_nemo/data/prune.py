@@ -130,6 +130,8 @@ def prune_pool(
     Writes ``out/prune_report.json`` and ``out/pruned.jsonl`` (each dropped id with its reasons).
     """
     cfg = cfg or PruneConfig()
+    if not Path(pool).exists():  # before anything is written
+        raise FileNotFoundError(f"{pool}: no such JSONL file or shard folder")
     start = time.perf_counter()
     sft = read_results(sft_results)
     teacher = read_results(teacher_results)

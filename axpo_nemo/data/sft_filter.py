@@ -131,6 +131,8 @@ def filter_sft(
 ) -> SFTFilterReport:
     """Filter a trajectory set (JSONL or shards) into SFT shards (or JSONL) in ``out``; the
     report is also written to ``out/sft_filter_report.json``."""
+    if not Path(input_path).exists():  # before anything is written
+        raise FileNotFoundError(f"{input_path}: no such JSONL file or shard folder")
     start = time.perf_counter()
     report = SFTFilterReport()
     with SampleSink(out, output, shard_cfg, overwrite=overwrite) as sink:

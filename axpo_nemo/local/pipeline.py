@@ -327,6 +327,8 @@ def run_train(cfg: Config, cfg_tree=None, *, plain: bool | None = None) -> RunRe
 def bundle_from_run(run_dir: str | Path, cfg: Config) -> PolicyBundle:
     """The policy of a finished run: the model of its newest RL checkpoint, else its SFT model."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
     bundle = build_policy(cfg.model, seed=cfg.seed)
     folder = Path(cfg.checkpoint.dir) / "rl" if cfg.checkpoint.dir else run_dir / "rl" / "checkpoints"
     loaded = CheckpointManager(folder, cfg.checkpoint.keep_last).load_latest()

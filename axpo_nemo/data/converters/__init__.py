@@ -97,6 +97,8 @@ def convert(
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(CONVERTERS)}")
     cfg = cfg or ConvertConfig()
     input_path = Path(input_path)
+    if not input_path.is_file():  # before anything is written
+        raise FileNotFoundError(f"{input_path}: no such file")
     out = Path(out)
     ctx = RowContext(cfg, Path(cfg.image_root) if cfg.image_root else input_path.parent)
     report = ConvertReport(fmt, str(input_path), str(out))

@@ -89,7 +89,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(
+            raise ModuleNotFoundError(
                 f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give the rows as JSON/JSONL"
             ) from None
         number = 0
