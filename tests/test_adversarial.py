@@ -30,6 +30,7 @@ MARK = uuid.uuid4().hex[:10]
 OUTSIDE = Path("/tmp") / f"axpo_adv_{MARK}"
 LAUNCH = Path("/tmp") / f"axpo_adv_{MARK}_launch"  # the trainer's working directory, as under python -m
 SECRET = f"secret-{MARK}"
+UNIX_SOCKET = f"/tmp/axpo_adv_{MARK}.sock"  # a host service's socket, e.g. dbus or docker.sock
 
 
 def _call(name: str, arguments) -> str:
@@ -108,6 +109,7 @@ CASES: list[tuple[str, str]] = [
     ("py-list-launch-dir", _py(f"import os\nprint(os.listdir('{LAUNCH}'))")),
     ("py-network-loopback", "NETWORK_PLACEHOLDER"),
     ("py-network-external", _py("import socket\nsocket.create_connection(('192.0.2.1', 80), timeout=2)")),
+    ("py-unix-socket", _py(f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('{UNIX_SOCKET}')")),
     ("py-gigabytes-stdout", _py("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)")),
     ("py-gigabytes-stderr", _py("import sys\nwhile True:\n    sys.stderr.write('y' * 65536)")),
     ("py-kill-self", _py("import os\nos.kill(os.getpid(), 9)")),
@@ -203,7 +205,20 @@ def listener():
     thread.join(timeout=2)
 
 
-def test_adversarial_corpus_through_the_loop(tmp_path: Path, listener, monkeypatch):
+@pytest.fixture
+def unix_listener():
+    """A world-writable unix socket of the host that records whether anything connected."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(UNIX_SOCKET)
+    os.chmod(UNIX_SOCKET, 0o777)
+    server.listen(8)
+    server.setblocking(False)
+    yield server
+    server.close()
+    os.unlink(UNIX_SOCKET)
+
+
+def test_adversarial_corpus_through_the_loop(tmp_path: Path, listener, unix_listener, monkeypatch):
     port, hits = listener
     assert len(CASES) >= 60
     OUTSIDE.mkdir()
@@ -279,6 +294,8 @@ def test_adversarial_corpus_through_the_loop(tmp_path: Path, listener, monkeypat
     assert not failures, "\n".join(failures)
     assert elapsed < 120, f"the batch took {elapsed:.0f} s"
     assert hits == [], "sandboxed code reached a loopback listener"
+    with pytest.raises(BlockingIOError):
+        unix_listener.accept()  # nor a unix socket of the host
     assert after_outside == before_outside, "files outside the sandbox changed"
     assert _snapshot(repo / "axpo_nemo") == before_repo, "the repository changed"
     assert (os.getpid(), True)[1]  # the test process survived every case

@@ -134,6 +134,42 @@ def listener():
     server.close()
 
 
+UNIX_TAG = uuid.uuid4().hex[:12]
+UNIX_STREAM = f"/tmp/axpo-unix-{UNIX_TAG}.sock"  # like /run/dbus/system_bus_socket or an ssh agent
+UNIX_DGRAM = f"/tmp/axpo-unix-{UNIX_TAG}.dgram"  # like /dev/log
+UNIX_ABSTRACT = f"axpo-abstract-{UNIX_TAG}"
+
+
+@pytest.fixture(scope="module")
+def unix_listeners():
+    """World-accessible unix sockets of the host (stream, datagram, abstract) that sandboxed code
+    must not reach; yields a check that nothing connected to or was sent to them."""
+    stream, dgram, abstract = (socket.socket(socket.AF_UNIX, kind) for kind in (
+        socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_STREAM))  # fmt: skip
+    stream.bind(UNIX_STREAM)
+    dgram.bind(UNIX_DGRAM)
+    abstract.bind("\0" + UNIX_ABSTRACT)
+    for path in (UNIX_STREAM, UNIX_DGRAM):
+        os.chmod(path, 0o777)
+    for sock in (stream, abstract):
+        sock.listen(8)
+    for sock in (stream, dgram, abstract):
+        sock.setblocking(False)
+
+    def untouched() -> None:
+        for sock in (stream, abstract):
+            with pytest.raises(BlockingIOError):
+                sock.accept()
+        with pytest.raises(BlockingIOError):
+            dgram.recv(1)
+
+    yield untouched
+    for sock in (stream, dgram, abstract):
+        sock.close()
+    for path in (UNIX_STREAM, UNIX_DGRAM):
+        os.unlink(path)
+
+
 @dataclass(frozen=True)
 class Case:
     """Adversarial code and the failures it may end with (more than one where tiers differ)."""
@@ -248,6 +284,28 @@ ADVERSARIAL = [
         ("exception",),
     ),
     Case("raw_socket", "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)", ("exception",)),
+    # the host's unix sockets (dbus, /dev/log, docker.sock, an ssh agent): no network namespace
+    # separates them and Landlock does not cover connecting
+    Case(
+        "unix_connect",
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect('@UNIXSTREAM@'); s.send(b'x')",
+        ("exception",),
+    ),
+    Case(
+        "unix_abstract_connect",
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect('\\0@UNIXABSTRACT@'); s.send(b'x')",
+        ("exception",),
+    ),
+    Case(
+        "unix_datagram_sendto",
+        "import socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'x', '@UNIXDGRAM@')",
+        ("exception",),
+    ),
+    Case(
+        "unix_socketpair_sendto",
+        "import socket\na, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\na.sendto(b'x', '@UNIXDGRAM@')",
+        ("exception",),
+    ),
     # output floods
     Case("stdout_flood", "while True: print('x' * 1000)", ("output_limit",)),
     Case("stderr_flood", "import sys\nwhile True: sys.stderr.write('e' * 10000)", ("output_limit",)),
@@ -316,6 +374,9 @@ def run_case(pool: SandboxPool, case: Case, victim_dir: Path, port: int) -> None
         "VICTIM": str(victim_dir),
         "UNIQUE": unique,
         "PORT": str(port),
+        "UNIXSTREAM": UNIX_STREAM,
+        "UNIXDGRAM": UNIX_DGRAM,
+        "UNIXABSTRACT": UNIX_ABSTRACT,
         "MAINPID": str(os.getpid()),
         "ZYGOTE": str(pool.zygote_pid),
     }
@@ -333,12 +394,13 @@ def run_case(pool: SandboxPool, case: Case, victim_dir: Path, port: int) -> None
 
 
 @pytest.mark.parametrize("case", ADVERSARIAL, ids=[c.name for c in ADVERSARIAL])
-def test_adversarial_code_fails_cleanly(pool, victim, listener, case):
+def test_adversarial_code_fails_cleanly(pool, victim, listener, unix_listeners, case):
     victim_dir, before = victim
     run_case(pool, case, victim_dir, listener.getsockname()[1])
     assert snapshot(victim_dir) == before
     with pytest.raises(BlockingIOError):
         listener.accept()  # nothing connected to the host's loopback
+    unix_listeners()  # nor to its unix sockets
     after = pool.run("print(7)")
     assert after.ok and after.stdout == "7\n"  # and the pool still works
     assert alive(pool.zygote_pid)
@@ -479,6 +541,10 @@ DEGRADED_CASES = [
         "rename_victim",
         "connect_localhost",
         "udp_external",
+        "unix_connect",
+        "unix_abstract_connect",
+        "unix_datagram_sendto",
+        "unix_socketpair_sendto",
         "stdout_flood",
         "kill_parent",
         "kill_everyone",
@@ -503,12 +569,13 @@ def test_degraded_pool_reports_what_it_lacks(degraded_pool):
 
 
 @pytest.mark.parametrize("case", DEGRADED_CASES, ids=[c.name for c in DEGRADED_CASES])
-def test_degraded_confinement_still_contains_code(degraded_pool, victim, listener, case):
+def test_degraded_confinement_still_contains_code(degraded_pool, victim, listener, unix_listeners, case):
     victim_dir, before = victim
     run_case(degraded_pool, case, victim_dir, listener.getsockname()[1])
     assert snapshot(victim_dir) == before
     with pytest.raises(BlockingIOError):
         listener.accept()
+    unix_listeners()
     assert degraded_pool.run("print(7)").stdout == "7\n"
 
 
@@ -630,6 +697,21 @@ def test_forged_status_frames_stay_small(pool, status, failure):
     assert result.failure == failure and result.error_type is None
     assert sum(len(n) for n in result.notes) < 4000
     assert time.monotonic() - start < TIMEOUT_S + 3.0
+
+
+def test_connected_socket_pairs_still_work(pool):
+    code = textwrap.dedent(
+        """
+        import multiprocessing, socket
+        a, b = socket.socketpair()
+        a.sendall(b"pair")
+        parent, child = multiprocessing.Pipe()
+        child.send("pipe")
+        print(b.recv(4).decode(), parent.recv())
+        """
+    )
+    result = pool.run(code)
+    assert result.ok and result.stdout == "pair pipe\n", result.stderr
 
 
 def test_non_utf8_output_is_replaced(pool):

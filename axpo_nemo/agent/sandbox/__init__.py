@@ -29,8 +29,9 @@ per pool (INFO when 'strong', WARNING otherwise):
 * Landlock (kernel >= 5.13, any user): writes only in the working directory, reads only the
   interpreter's standard library and packages and system libraries, never the trainer's working
   or script directory; ABI 4 also blocks TCP, ABI 6 blocks signals to outsiders;
-* seccomp (x86_64, aarch64, any user): no non-unix sockets, exec, ptrace, mounts, namespaces,
-  io_uring, setsid, timestamp/xattr changes (and chmod/chown without setuid);
+* seccomp (x86_64, aarch64, any user): no sockets of any family, unix ones included (connected
+  socket pairs excepted), no exec, ptrace, mounts, namespaces, io_uring, setsid, timestamp/xattr
+  changes (and chmod/chown without setuid);
 * rlimits always; an audit-hook guard only for what nothing above covers.
 
 In an unprivileged container without user namespaces the pool still gets Landlock + seccomp +

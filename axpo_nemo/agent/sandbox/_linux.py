@@ -314,6 +314,9 @@ class _Bpf:
     def jump(self, op: int, k: int, jt: str | None, jf: str | None = None) -> None:
         self.code.append((op, jt, jf, k))
 
+    def alu_and(self, k: int) -> None:
+        self.code.append((_AND, None, None, k))
+
     def ret(self, k: int) -> None:
         self.code.append((0x06, None, None, k))  # BPF_RET | BPF_K
 
@@ -331,14 +334,23 @@ class _Bpf:
 
 
 _JEQ, _JGE, _JSET = 0x15, 0x35, 0x45
-_OFF_NR, _OFF_ARCH, _OFF_ARG0 = 0, 4, 16  # struct seccomp_data; ARG0 = low 32 bits (little endian)
+_AND = 0x54  # BPF_ALU | BPF_AND | BPF_K
+_OFF_NR, _OFF_ARCH, _OFF_ARG0, _OFF_ARG1 = 0, 4, 16, 24  # struct seccomp_data; low 32 bits (LE)
+_SOCK_TYPE_MASK = 0xF  # the type without SOCK_NONBLOCK / SOCK_CLOEXEC
+_SOCK_STREAM, _SOCK_SEQPACKET = 1, 5
 
 
 def seccomp_program(
     *, block_network: bool, block_exec: bool, block_chmod: bool, own_pid: int | None
 ) -> bytes:
-    """The filter: deny the `_DENIED` syscalls, namespace-creating clones and (optionally) non-unix
-    sockets, exec, mode/owner changes, and signals to any process but ``own_pid`` / its group."""
+    """The filter: deny the `_DENIED` syscalls, namespace-creating clones and (optionally) sockets,
+    exec, mode/owner changes, and signals to any process but ``own_pid`` / its group.
+
+    ``block_network`` refuses ``socket()`` of every family, unix included: the network namespace
+    does not isolate filesystem sockets (/run/dbus, /dev/log, docker.sock, an ssh agent) and
+    Landlock does not cover connecting to them. Connected socket pairs stay (multiprocessing
+    pipes, asyncio), stream or seqpacket only: a datagram one could ``sendto()`` any socket path.
+    """
     machine = platform.machine()
     nr = _SYSCALLS[machine]
     p = _Bpf()
@@ -354,8 +366,8 @@ def seccomp_program(
             p.jump(_JEQ, nr[name], "eperm")
     p.jump(_JEQ, nr["clone"], "clone")
     if block_network:
-        p.jump(_JEQ, nr["socket"], "socket")
-        p.jump(_JEQ, nr["socketpair"], "socket")
+        p.jump(_JEQ, nr["socket"], "eacces")
+        p.jump(_JEQ, nr["socketpair"], "socketpair")
     if own_pid is not None:
         p.jump(_JEQ, nr["kill"], "kill_syscall")
         p.jump(_JEQ, nr["tgkill"], "tgkill")
@@ -366,9 +378,13 @@ def seccomp_program(
     p.load(_OFF_ARG0)
     p.jump(_JSET, NAMESPACE_FLAGS, "eperm", "allow")
     if block_network:
-        p.label("socket")
+        p.label("socketpair")
         p.load(_OFF_ARG0)
-        p.jump(_JEQ, _AF_UNIX, "allow", "eacces")
+        p.jump(_JEQ, _AF_UNIX, None, "eacces")
+        p.load(_OFF_ARG1)
+        p.alu_and(_SOCK_TYPE_MASK)
+        p.jump(_JEQ, _SOCK_STREAM, "allow")
+        p.jump(_JEQ, _SOCK_SEQPACKET, "allow", "eacces")
     if own_pid is not None:
         p.label("kill_syscall")
         p.load(_OFF_ARG0)

@@ -70,7 +70,11 @@ class SandboxConfig(ValidatedConfig):
         1024 * 1024, "Pixels per returned image at most; larger images are downscaled.", ge=64
     )
     max_code_chars: int = setting(100_000, "Longest code accepted by the python tool, in characters.", ge=1)
-    allow_network: bool = setting(False, "Leave the network reachable (off: no sockets but unix ones).")
+    allow_network: bool = setting(
+        False,
+        "Leave the network reachable (off: no sockets at all, the host's unix sockets included; "
+        "connected socket pairs still work).",
+    )
     allow_subprocess: bool = setting(
         False, "Let code execute other programs (execve); forking python processes is always allowed."
     )

@@ -18,8 +18,9 @@ landlock           writes only in the working directory, reads only the   kernel
                    interpreter's stdlib and packages and system           TCP, ABI 6: signals)
                    libraries (never the trainer's cwd or script dir); no
                    TCP (ABI 4); no signals out of the sandbox (ABI 6)
-seccomp            no non-unix sockets, exec, ptrace, mount, namespaces,  x86_64/aarch64, any user
-                   io_uring, setsid; signals only to itself without pidns
+seccomp            no sockets (unix ones included; socket pairs stay),    x86_64/aarch64, any user
+                   exec, ptrace, mount, namespaces, io_uring, setsid;
+                   signals only to itself without pidns
 rlimits            CPU time, address space, file size, open files,        always
                    processes
 audit_guard        in-interpreter audit hook (bypassable: ctypes is off,  last resort, only for
@@ -343,8 +344,8 @@ def guard_concerns(conf: Confinement, opts: Any) -> list[str]:
     concerns = []
     if "landlock" not in conf:
         concerns.append("files")
-    if not opts.allow_network and "net_namespace" not in conf and "seccomp" not in conf:
-        concerns.append("network")
+    if not opts.allow_network and "seccomp" not in conf:
+        concerns.append("network")  # a network namespace leaves the host's unix sockets reachable
     if not opts.allow_subprocess and "seccomp" not in conf:
         concerns.append("exec")
     isolated = "pid_namespace" in conf or "setuid" in conf or conf.details.get("landlock_scope")
