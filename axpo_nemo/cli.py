@@ -4,7 +4,7 @@ Every subcommand takes ``--config FILE`` (a path or a name under ``conf/``; defa
 config) followed by config overrides (``key=value``, ``+key=value``, ``++key=value``).
 
     axpo config show --config grpo axpo.r=0.5    # print the resolved config
-    axpo config keys                             # every key with its type, default and meaning
+    axpo config keys --config grpo tools         # the tools.* keys of a config, with their meaning
     axpo tools list                              # the enabled tools' schemas
     axpo tools run image_zoom_in --args '{"bbox_2d": [0, 0, 500, 500]}' --image photo.png
 """
@@ -49,27 +49,67 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flow(value) -> str:
+    """A config value as one line of YAML (flow style for lists and mappings)."""
+    import yaml
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return value if value.strip() == value and value else repr(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9, sort_keys=False).strip()
+
+
 def _config_keys(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    import shutil
 
-    from axpo_nemo.config import Config
+    from omegaconf import OmegaConf
 
-    table = Table("key", "type", "default", "meaning", show_lines=False)
+    from axpo_nemo.config import DEFAULT_CONFIG, Config, find_config, load_config_tree
+    from axpo_nemo.config.loader import closest_key
 
-    def walk(cls: type, prefix: str) -> None:
+    overrides = [x for x in args.overrides if "=" in x]
+    sections = [x.rstrip(".") for x in args.overrides if "=" not in x]
+    tree = load_config_tree(args.config, overrides)
+    values = OmegaConf.to_container(tree, resolve=True)
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type, prefix: str, node: dict) -> None:
         for f in dataclasses.fields(cls):
-            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-                walk(f.default_factory, f"{prefix}{f.name}.")
+            factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(factory):
+                walk(factory, f"{prefix}{f.name}.", node[f.name])
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            meaning = f.metadata.get("help", "")
+            default = f.default if factory is None else factory()
+            value = node[f.name]
+            meaning = " ".join(f.metadata.get("help", "").split())
             if f.metadata.get("choices"):
-                meaning += f" [{' | '.join(map(str, f.metadata['choices']))}]"
-            table.add_row(prefix + f.name, str(f.type), repr(default), meaning)
+                meaning = f"[{'|'.join(map(str, f.metadata['choices']))}] {meaning}"
+            if value != default:
+                meaning = f"(default {_flow(default)}) {meaning}"
+            rows.append((prefix + f.name, _flow(value), meaning))
 
-    walk(Config, "")
-    Console(width=args.width).print(table)
+    walk(Config, "", values)
+    if sections:
+        known = {key for key, _, _ in rows} | {key.rsplit(".", i)[0] for key, _, _ in rows for i in range(1, key.count(".") + 1)}
+        for section in sections:
+            if section not in known:
+                hint = closest_key(section)
+                raise ValueError(f"no config key or section '{section}'" + (f"; did you mean '{hint}'?" if hint else ""))
+        rows = [r for r in rows if any(r[0] == s or r[0].startswith(s + ".") for s in sections)]
+    width = args.width
+    if width is None and not args.full and sys.stdout.isatty():
+        width = shutil.get_terminal_size().columns
+    print(f"# {find_config(args.config or DEFAULT_CONFIG)}" + (f" with {' '.join(overrides)}" if overrides else ""))
+    for key, value, meaning in rows:
+        line = f"{key} = {value}" + (f"  # {meaning}" if meaning else "")
+        if width and not args.full and len(line) > width:
+            line = line[: max(width - 1, 0)] + "…"
+        print(line)
     return 0
 
 
@@ -406,9 +446,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(show)
     show.set_defaults(handler=_config_show)
     keys = config_commands.add_parser(
-        "keys", help="list every config key with its type, default and meaning", description="List config keys."
+        "keys",
+        help="list every config key with its value in the config a command would run, and its meaning",
+        description="List config keys, one line each: 'key = value  # meaning', where value is the one the "
+        "config (default: demo) and the overrides give, and '(default X)' marks a value that differs from "
+        "the schema's. On a terminal each line is cut to its width (--full: never).",
     )
-    keys.add_argument("--width", type=int, default=None, help="table width in characters")
+    keys.add_argument("--config", "-c", default=None, help="config file or name under conf/ (default: demo)")
+    keys.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE|SECTION",
+        help="config overrides, and sections to list (e.g. 'tools.search'; default: all keys)",
+    )  # fmt: skip
+    keys.add_argument("--width", type=int, default=None, help="cut lines to this many characters")
+    keys.add_argument("--full", action="store_true", help="print the whole meaning of every key")
     keys.set_defaults(handler=_config_keys)
 
     train = commands.add_parser(

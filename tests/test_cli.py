@@ -167,3 +167,37 @@ def test_eval_suite_perception_needs_no_search_corpus(fresh_dir, capsys):
     assert main(["eval", "--suite", "perception", "--data-dir", "bench"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "benchmark 'hrbench_4k'" in err and "corpus" not in err
+
+
+# -- overrides that add keys, and `config keys` on the config a command would run ----------------
+
+
+def test_plus_plus_adds_keys_only_in_open_sections(capsys):
+    assert main(["config", "show", "++nemo.overrides.policy.max_grad_norm=0.5", "++axpo.k=8"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["nemo"]["overrides"] == {"policy": {"max_grad_norm": 0.5}} and shown["axpo"]["k"] == 8
+    for op in ("++", "+"):
+        assert main(["config", "show", f"{op}axpo.newkey=1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert "unknown config key 'axpo.newkey'" in err and f"'{op}' adds keys only under nemo.overrides" in err
+        assert "`axpo config keys axpo` lists the valid keys" in err
+    assert main(["config", "show", "++axpo.prefix_credt=1"]) == 2
+    assert "did you mean 'axpo.prefix_credit'?" in capsys.readouterr().err
+
+
+def test_config_keys_shows_the_config_a_command_would_run(capsys):
+    assert main(["config", "keys", "--width", "80"]) == 0  # default: the demo config
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# ") and lines[0].endswith("demo.yaml")
+    assert all(len(line) <= 80 for line in lines)
+    assert 150 < len(lines) < 300  # one line per key
+    assert any(line.startswith("model.tiny.num_layers = 3  # (default 2) ") for line in lines)
+    assert main(["config", "keys", "--config", "grpo", "rollout.group_size=5", "algorithm", "rollout", "--full"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("grpo.yaml with rollout.group_size=5")
+    assert all(line.split(" = ")[0] == "algorithm" or line.startswith("rollout.") for line in lines[1:])
+    assert any(line.startswith("algorithm = grpo  # (default axpo) [axpo|grpo] ") for line in lines)
+    assert "rollout.group_size = 5  # (default 8) Rollouts N per question." in "\n".join(lines)
+    assert main(["config", "keys", "tool"]) == 2
+    assert "did you mean 'tools'?" in capsys.readouterr().err

@@ -3,8 +3,10 @@
 * A YAML file may start with ``defaults: parent.yaml`` (or a list); parents are resolved relative
   to the file, merged in order, and the file itself is merged last.
 * Command-line overrides follow NeMo-RL/Hydra: ``key=value`` sets an existing key, ``+key=value``
-  adds a key that does not exist yet (only open sections accept new keys), ``++key=value`` sets
-  or adds. Values are parsed as YAML (``null``, ``true``, ``[1, 2]``, ``1e-6``).
+  adds a key that does not exist yet, ``++key=value`` sets or adds. Only open sections (a
+  free-form mapping: ``nemo.overrides``) take new keys; every other section has the schema's keys,
+  and an unknown one is an error naming the closest key or where the section's keys are listed.
+  Values are parsed as YAML (``null``, ``true``, ``[1, 2]``, ``1e-6``).
 * Everything is checked against the typed schema (`Config`): an unknown key, a wrong type or a
   value outside its declared range fails at start-up with one line naming the full key path and,
   when there is one, the closest valid key.
@@ -97,14 +99,37 @@ def closest_key(key: str) -> str | None:
     return by_leaf[match[0]] if match else None
 
 
-def _error(exc: OmegaConfBaseException, where: str) -> ConfigError:
+def open_sections(cls: type = Config, prefix: str = "") -> list[str]:
+    """The key paths of the sections that take new keys (free-form mappings, e.g. ``nemo.overrides``)."""
+    found = []
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(factory):
+            found += open_sections(factory, f"{prefix}{f.name}.")
+        elif factory is not None and isinstance(factory(), dict):
+            found.append(prefix + f.name)
+    return found
+
+
+def _unknown_key(key: str, where: str, op: str = "") -> ConfigError:
+    """The one-line error for an unknown key: the closest valid key, else where the keys are listed."""
+    hint = closest_key(key)
+    if hint and hint != key:
+        return ConfigError(f"unknown config key '{key}'{where}; did you mean '{hint}'?")
+    keys = set(_schema_keys())
+    parts = key.split(".")
+    section = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in keys), "")
+    adds = f"; '{op}' adds keys only under {', '.join(open_sections())}" if op else ""
+    listing = f"axpo config keys {section}" if section else "axpo config keys"
+    return ConfigError(f"unknown config key '{key}'{where}{adds}; `{listing}` lists the valid keys")
+
+
+def _error(exc: OmegaConfBaseException, where: str, op: str = "") -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(getattr(exc, "msg", exc)).splitlines()[0]
     where = f" ({where})" if where else ""
     if isinstance(exc, ConfigKeyError | ConfigAttributeError):
-        hint = closest_key(key)
-        suggestion = f"; did you mean '{hint}'?" if hint and hint != key else ""
-        return ConfigError(f"unknown config key '{key}'{where}{suggestion}")
+        return _unknown_key(key, where, op)
     return ConfigError(f"invalid value for '{key}'{where}: {msg}")
 
 
@@ -173,9 +198,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
                 f"nemo.overrides: ++nemo.overrides.{key}={m['value']}"
             )
         if op == "" and not exists:
-            hint = closest_key(key)
-            suggestion = f"; did you mean '{hint}'?" if hint else ""
-            raise ConfigError(f"unknown config key '{key}' (override '{item}'){suggestion}")
+            raise _unknown_key(key, f" (override '{item}')")
         if op == "+" and exists:
             raise ConfigError(
                 f"override '{item}': '+' adds a new key but '{key}' already exists; use {key}=... or ++{key}=..."
@@ -183,7 +206,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
         try:
             OmegaConf.update(cfg, key, value, merge=True, force_add=False)
         except OmegaConfBaseException as exc:
-            raise _error(exc, f"override '{item}'") from exc
+            raise _error(exc, f"override '{item}'", op) from exc
 
 
 def _constraint_errors(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
