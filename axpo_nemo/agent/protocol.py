@@ -68,6 +68,7 @@ BAD_ARGUMENTS = "bad_arguments"
 INCOMPLETE = "incomplete"
 
 _SENTINEL = "@@axpo-observation-split@@"
+_TOOL_TEXT = "@@axpo-tool-text-{}@@"  # where a tool response's text goes in the rendered template
 
 
 @dataclass(frozen=True, eq=False)
@@ -327,6 +328,13 @@ class ChatProtocol:
         self.image_pad_id = self.ids[IMAGE_PAD]
         self.generation_prompt = self._generation_prompt()
         self.think_open = THINK_OPEN in self.generation_prompt and THINK_CLOSE not in self.generation_prompt
+        # Every added token (control tokens, special or not), longest first: in tool text each is
+        # tokenized as the plain characters it is spelled with.
+        controls = set(self.tokenizer.get_added_vocab()) | set(self.tokenizer.all_special_tokens)
+        controls = sorted((t for t in controls if len(t) > 1), key=len, reverse=True)
+        self._control_re = re.compile("(?=(" + "|".join(map(re.escape, controls)) + "))") if controls else None
+        self._control_max_len = max(map(len, controls), default=0)
+        self._check_tool_text_verbatim()
 
     def token_id(self, text: str) -> int:
         """The id of a control token, looked up by text; KeyError when it is not a single token."""
@@ -350,6 +358,16 @@ class ChatProtocol:
             raise ValueError("chat template: the generation prompt is not a suffix of the conversation")
         return full[len(bare) :]
 
+    def _check_tool_text_verbatim(self) -> None:
+        """`render_observation` places tool text into the rendered template itself: the template
+        must insert it unchanged (no trimming or escaping)."""
+        text = "  \n@@axpo-probe@@ {x} \n\n"
+        for num_images in (0, 1):
+            message = self.tool_message(text, num_images)
+            rendered = self.render([{"role": "user", "content": "x"}, message])
+            if text not in rendered:
+                raise ValueError("chat template: tool message text is not inserted verbatim")
+
     @property
     def assistant_prefix(self) -> str:
         """The part of the generation prompt inside the assistant message (``<think>\\n``)."""
@@ -361,8 +379,8 @@ class ChatProtocol:
     def sanitize_tool_text(text: str) -> str:
         """Defuse vision control tokens in tool output (``<|image_pad|>`` → ``<image_pad>``).
 
-        A tool's text (a web page, a program's output) could otherwise smuggle in image tokens
-        that match no image. Other control tokens are left alone: they cannot break alignment.
+        A tool's text (a web page, a program's output) is tokenized as plain text anyway
+        (`render_observation`); this keeps it from reading like an image placeholder too.
         """
         for token in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD):
             text = text.replace(token, token.replace("|", ""))
@@ -375,21 +393,44 @@ class ChatProtocol:
         grid = out["image_grid_thw"][0].to(torch.long)
         return ProcessedImage(image, out["pixel_values"], grid, int(grid.prod()) // self.merge_size**2)
 
-    def encode(self, text: str, images: Sequence[ProcessedImage]) -> tuple[list[int], list[ImageSlot]]:
+    def _plain_cuts(self, text: str, plain: Sequence[tuple[int, int]]) -> list[int]:
+        """Where to split ``text`` so that no control token overlapping a ``plain`` span is whole:
+        inside every such occurrence (at the span's start, or one character in)."""
+        if self._control_re is None:
+            return []
+        cuts = set()
+        for a, b in plain:
+            lo, hi = max(a - self._control_max_len + 1, 0), min(b + self._control_max_len - 1, len(text))
+            for m in self._control_re.finditer(text, lo, hi):
+                start, end = m.start(), m.start() + len(m.group(1))
+                if start < b and end > a:
+                    cuts.add(max(start + 1, a))
+        return sorted(cuts)
+
+    def encode(
+        self, text: str, images: Sequence[ProcessedImage], plain: Sequence[tuple[int, int]] = ()
+    ) -> tuple[list[int], list[ImageSlot]]:
         """Tokenize template text, expanding the i-th ``<|image_pad|>`` to image i's token count.
+
+        ``plain`` spans (``[start, end)`` character offsets; tool output) are tokenized as plain
+        text: a control token spelled there (``<|im_end|>``, ``<tool_call>``, ``<|image_pad|>``...)
+        becomes the ordinary tokens of its characters, never the control token. Text without
+        control tokens tokenizes exactly as one string.
 
         Returns the token ids and each image's slot. Raises ValueError when the number of
         placeholders and images differ.
         """
-        pieces = text.split(IMAGE_PAD)
-        if len(pieces) - 1 != len(images):
-            raise ValueError(
-                f"text has {len(pieces) - 1} image placeholders but {len(images)} images were given"
-            )
-        expanded = pieces[0] + "".join(
-            IMAGE_PAD * img.num_tokens + rest for img, rest in zip(images, pieces[1:], strict=True)
-        )
-        ids = list(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
+        cuts = self._plain_cuts(text, plain)
+        segments = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        placeholders = sum(segment.count(IMAGE_PAD) for segment in segments)
+        if placeholders != len(images):
+            raise ValueError(f"text has {placeholders} image placeholders but {len(images)} images were given")
+        ids: list[int] = []
+        pending = iter(images)
+        for segment in segments:
+            pieces = segment.split(IMAGE_PAD)
+            expanded = pieces[0] + "".join(IMAGE_PAD * next(pending).num_tokens + rest for rest in pieces[1:])
+            ids += self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
         slots, i = [], 0
         for img in images:
             while ids[i] != self.image_pad_id:
@@ -436,16 +477,26 @@ class ChatProtocol:
 
         ``turn_closed``: the turn already ended with ``<|im_end|>`` (calls made without stopping on
         ``</tool_call>``), so the observation starts right after it.
+
+        The responses' text is tokenized as plain text (see `encode`): a program's output or a web
+        page spelling ``<|im_end|><|im_start|>system`` cannot open a turn of its own.
         """
         messages = [
             {"role": "user", "content": "x"},
             {"role": "assistant", "content": _SENTINEL},
-            *(self.tool_message(r.text, len(r.images)) for r in responses),
+            *(self.tool_message(_TOOL_TEXT.format(i), len(r.images)) for i, r in enumerate(responses)),
         ]
-        text = self.render(messages, add_generation_prompt=True).split(_SENTINEL, 1)[1]
-        if turn_closed and text.startswith(IM_END):
-            text = text[len(IM_END) :]
-        ids, slots = self.encode(text, [img for r in responses for img in r.images])
+        rest = self.render(messages, add_generation_prompt=True).split(_SENTINEL, 1)[1]
+        if turn_closed and rest.startswith(IM_END):
+            rest = rest[len(IM_END) :]
+        text, plain = "", []
+        for i, response in enumerate(responses):
+            before, rest = rest.split(_TOOL_TEXT.format(i), 1)
+            text += before
+            plain.append((len(text), len(text) + len(response.text)))
+            text += response.text
+        text += rest
+        ids, slots = self.encode(text, [img for r in responses for img in r.images], plain)
         return Observation(ids, slots, text)
 
     # -- parsing -----------------------------------------------------------------------------
