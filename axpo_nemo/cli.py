@@ -254,6 +254,66 @@ def _overwrite_hint(out: str) -> Iterator[None]:
         raise FileExistsError(f"{out} already holds a dataset; --overwrite replaces it") from exc
 
 
+#: Without a terminal, progress is a plain line at most this often (and at the end).
+PLAIN_PROGRESS_INTERVAL_S = 10.0
+
+
+class _Progress:
+    """Progress of a long command as ``axpo train`` shows it: rich bars on a terminal, else a plain
+    line every `PLAIN_PROGRESS_INTERVAL_S`. Each phase (a benchmark, the rows of a file) starts
+    on its first count; `counter` gives a ``progress(done)`` callback for one phase."""
+
+    def __init__(self, unit: str) -> None:
+        from axpo_nemo.local.metrics_log import ProgressDisplay
+
+        self.unit = unit
+        self.display = ProgressDisplay(min_interval_s=PLAIN_PROGRESS_INTERVAL_S)
+        self.started: set[str] = set()
+
+    def __enter__(self) -> _Progress:
+        self.display.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for phase in self.started:
+            self.display.finish(phase)
+        self.display.close()
+
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        """Count ``done`` of ``total`` (None: unknown) units of ``phase``."""
+        if phase not in self.started:
+            self.started.add(phase)
+            self.display.add_phase(phase, total, unit=self.unit)
+        self.display.update(phase, done)
+
+    def counter(self, phase: str, total: int | None) -> Callable[[int], None]:
+        """A ``progress(done)`` callback for ``phase``."""
+        return lambda done: self(phase, done, total)
+
+
+def _count_items(path: str) -> int | None:
+    """How many rows or samples ``path`` holds, where that is cheap to know (else None)."""
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            from axpo_nemo.data.shards import ShardReader
+
+            with ShardReader(p) as reader:
+                return len(reader)
+        if p.suffix.lower() == ".jsonl":
+            with p.open("rb") as f:
+                return sum(1 for line in f if line.strip())
+        if p.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(p).metadata.num_rows
+    except (OSError, ValueError, ImportError):
+        pass  # the command itself reports what is wrong with the input
+    return None
+
+
 def _data_convert(args: argparse.Namespace) -> int:
     from axpo_nemo.data.converters import ConvertConfig, convert
 
@@ -262,10 +322,18 @@ def _data_convert(args: argparse.Namespace) -> int:
         max_pass_rate=args.max_pass_rate, keep_responses=args.keep_responses, limit=args.limit,
         shard=_shard_cfg(args),
     )  # fmt: skip
-    with _overwrite_hint(args.out):
-        report = convert(args.format, args.input, args.out, cfg, overwrite=args.overwrite)
+    total = _count_items(args.input)
+    if total is not None and args.limit is not None:
+        total = min(total, args.limit)
+    with _overwrite_hint(args.out), _Progress("row") as progress:
+        report = convert(
+            args.format, args.input, args.out, cfg, overwrite=args.overwrite,
+            progress=progress.counter("convert", total),
+        )  # fmt: skip
     for bad in report.bad_examples:
         print(f"  bad row {bad['row']}: {bad['error']}", file=sys.stderr)
+    if report.bad > len(report.bad_examples):
+        print(f"  ... and {report.bad - len(report.bad_examples)} more bad rows", file=sys.stderr)
     print(report.summary())
     print(f"written: {args.out} (bad rows: {args.out}/bad_rows.jsonl, report: {args.out}/convert_report.json)")
     return 0 if report.written or not report.rows else 1
@@ -275,10 +343,10 @@ def _data_filter_sft(args: argparse.Namespace) -> int:
     from axpo_nemo.data.sft_filter import filter_sft
 
     cfg, _ = _load(args)
-    with _overwrite_hint(args.out):
+    with _overwrite_hint(args.out), _Progress("trajectory") as progress:
         report = filter_sft(
             args.input, args.out, output=args.output, shard_cfg=_shard_cfg(args), reward_cfg=cfg.reward,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, progress=progress.counter("filter-sft", _count_items(args.input)),
         )  # fmt: skip
     print(report.summary())
     return 0
@@ -291,10 +359,11 @@ def _data_prune(args: argparse.Namespace) -> int:
         k=args.k, drop_sft_solved=not args.keep_sft_solved, drop_teacher_failed=not args.keep_teacher_failed,
         missing=args.missing,
     )  # fmt: skip
-    with _overwrite_hint(args.out):
+    with _overwrite_hint(args.out), _Progress("question") as progress:
         report = prune_pool(
             args.pool, args.out, args.sft_results, args.teacher_results, cfg, output=args.output,
             shard_cfg=_shard_cfg(args), overwrite=args.overwrite,
+            progress=progress.counter("prune", _count_items(args.pool)),
         )  # fmt: skip
     print(report.summary())
     print(f"written: {args.out} (dropped ids: {args.out}/pruned.jsonl, report: {args.out}/prune_report.json)")
@@ -308,15 +377,12 @@ def _eval_suite(args: argparse.Namespace) -> int:
         print("axpo: --suite needs --data-dir (a folder with one sub-folder per benchmark)", file=sys.stderr)
         return 2
     cfg, _ = _load(args)
-
-    def progress(bench: str, done: int, total: int) -> None:
-        print(f"\r{bench}: {done}/{total} questions", end="\n" if done == total else "", flush=True)
-
     try:
-        result, paths = run_suite_command(
-            cfg, suite=args.suite, data_dir=args.data_dir, out=args.out, engine=args.engine,
-            run=args.run, label=args.label, progress=progress,
-        )  # fmt: skip
+        with _Progress("question") as progress:
+            result, paths = run_suite_command(
+                cfg, suite=args.suite, data_dir=args.data_dir, out=args.out, engine=args.engine,
+                run=args.run, label=args.label, progress=progress,
+            )  # fmt: skip
     except (EngineUnavailable, FileNotFoundError, ValueError) as exc:
         print(f"axpo: {exc}", file=sys.stderr)
         return 2
@@ -344,11 +410,11 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(cfg)
-    with pipeline._tools() as tools:
+    with pipeline._tools() as tools, _Progress("question") as progress:
         report = evaluate(
             bundle, ChatProtocol(bundle.processor), tools, questions, questions_path.parent, cfg.eval,
             pipeline.loop_cfg, results_path=out / "results.jsonl", model_id=str(args.run or cfg.model.name),
-            reward_cfg=cfg.reward,
+            reward_cfg=cfg.reward, progress=lambda done, total: progress("eval", done, total),
         )  # fmt: skip
     (out / "report.md").write_text(report.to_markdown())
     (out / "report.json").write_text(report.to_json())

@@ -254,3 +254,27 @@ def test_progress_rich_mode_renders_bars():
         progress.print("hello")
     text = out.getvalue()
     assert "SFT loss 0.125" in text and "RL acc 0.5" in text and "rollouts" in text and "hello" in text
+
+
+def test_progress_counts_other_units_and_unknown_totals():
+    out = io.StringIO()
+    with ProgressDisplay(file=out, min_interval_s=3600.0) as progress:
+        progress.add_phase("eval", total=3, unit="question")
+        progress.add_phase("convert", total=None, unit="row")
+        for done in range(1, 4):
+            progress.update("eval", done)
+            progress.update("convert", done * 10)
+        progress.finish("eval")  # already printed at its total: not again
+        progress.finish("convert")
+    lines = out.getvalue().splitlines()
+    # The first count of each phase and its last; nothing in between at most one line an hour.
+    assert [line.split(" |")[0] for line in lines] == [
+        "[eval] question 1/3", "[convert] row 10", "[eval] question 3/3", "[convert] row 30",
+    ]  # fmt: skip
+    assert "s/question" in lines[2] and "s/row" in lines[3]
+    out = io.StringIO()
+    with ProgressDisplay(file=out, plain=False) as progress:
+        progress.add_phase("convert", total=None, unit="row")
+        progress.update("convert", 7)
+        progress.finish("convert")
+    assert "CONVERT" in out.getvalue() and "7/7" in out.getvalue()

@@ -215,6 +215,7 @@ def test_axpo_eval_suite_on_the_tiny_model(data, tmp_path, capsys, one_thread):
     assert main([*args, *overrides]) == 0
     printed = capsys.readouterr().out
     assert "| tiny |" in printed and "suite.md" in printed
+    assert "[hrbench_4k] question 2/2 | " in printed  # progress (plain lines: not a terminal)
     model = json.loads((out / "suite.json").read_text())["models"][0]
     assert model["label"] == "tiny" and [b["key"] for b in model["benchmarks"]] == [
         "dynamath",

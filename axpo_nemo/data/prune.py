@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,10 +124,12 @@ def prune_pool(
     output: str = "shards",
     shard_cfg: ShardConfig | None = None,
     overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> PruneReport:
     """Prune the question pool ``pool`` (JSONL or shards) into ``out`` (shards or JSONL).
 
     Writes ``out/prune_report.json`` and ``out/pruned.jsonl`` (each dropped id with its reasons).
+    ``progress`` is called with the number of questions read so far after each one.
     """
     cfg = cfg or PruneConfig()
     if not Path(pool).exists():  # before anything is written
@@ -176,6 +178,8 @@ def prune_pool(
             else:
                 report.kept += 1
                 sink.write(sample)
+            if progress is not None:
+                progress(report.total)
     report.unknown_ids = len((set(sft) | set(teacher)) - seen)
     report.elapsed_s = time.perf_counter() - start
     (out / "prune_report.json").write_text(json.dumps(asdict(report), indent=2))

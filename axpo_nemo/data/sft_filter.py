@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,13 @@ def filter_trajectories(
             yield sample
 
 
+def _counted(items: Iterable[Sample], progress: Callable[[int], None]) -> Iterator[Sample]:
+    """``items``, calling ``progress(n)`` once the n-th has been handled."""
+    for n, item in enumerate(items, start=1):
+        yield item
+        progress(n)
+
+
 def filter_sft(
     input_path: str | Path,
     out: str | Path,
@@ -128,15 +135,20 @@ def filter_sft(
     shard_cfg: ShardConfig | None = None,
     reward_cfg: RewardConfig | None = None,
     overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> SFTFilterReport:
     """Filter a trajectory set (JSONL or shards) into SFT shards (or JSONL) in ``out``; the
-    report is also written to ``out/sft_filter_report.json``."""
+    report is also written to ``out/sft_filter_report.json``. ``progress`` is called with the
+    number of trajectories read so far after each one."""
     if not Path(input_path).exists():  # before anything is written
         raise FileNotFoundError(f"{input_path}: no such JSONL file or shard folder")
     start = time.perf_counter()
     report = SFTFilterReport()
     with SampleSink(out, output, shard_cfg, overwrite=overwrite) as sink:
-        sink.write_all(filter_trajectories(iter_samples(input_path), report, reward_cfg))
+        samples = iter_samples(input_path)
+        if progress is not None:
+            samples = _counted(samples, progress)
+        sink.write_all(filter_trajectories(samples, report, reward_cfg))
     report.elapsed_s = time.perf_counter() - start
     payload = {**asdict(report), "tool_share": report.tool_share}
     (Path(out) / "sft_filter_report.json").write_text(json.dumps(payload, indent=2))

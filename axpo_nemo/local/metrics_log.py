@@ -348,11 +348,15 @@ class ProgressDisplay:
                 ... progress.advance_rollouts(k) ...
                 progress.update("rl", step, metrics)
 
+    A phase may count other units than steps (``add_phase("eval", 32, unit="question")``) and may
+    have no known total (``total=None``; `finish` then ends it).
+
     Args:
         console_every: plain mode prints every this many steps.
         file: the stream (default stdout).
         plain: force plain (True) or rich (False) output; None detects a terminal.
         keys: metric name -> short label shown (default :data:`DISPLAY_METRICS`).
+        min_interval_s: plain mode prints at most this often (a phase's last line always).
     """
 
     def __init__(
@@ -362,10 +366,12 @@ class ProgressDisplay:
         file=None,
         plain: bool | None = None,
         keys: Mapping[str, str] | None = None,
+        min_interval_s: float = 0.0,
     ):
         from rich.console import Console
 
         self.console_every = max(1, console_every)
+        self.min_interval_s = min_interval_s
         self.file = file if file is not None else sys.stdout
         self.keys = dict(keys) if keys is not None else DISPLAY_METRICS
         self.console = Console(file=self.file)
@@ -407,9 +413,13 @@ class ProgressDisplay:
         if self._progress is not None:
             self._progress.stop()
 
-    def add_phase(self, phase: str, total: int, completed: int = 0) -> None:
-        """Start a bar for ``phase`` ('sft', 'rl', 'eval') of ``total`` steps, ``completed`` done."""
-        info = {"total": total, "start": completed, "t0": time.monotonic(), "task": None}
+    def add_phase(self, phase: str, total: int | None, completed: int = 0, unit: str = "step") -> None:
+        """Start a bar for ``phase`` ('sft', 'rl', 'eval') of ``total`` units (None: unknown),
+        ``completed`` done."""
+        info = {
+            "total": total, "start": completed, "t0": time.monotonic(), "task": None, "unit": unit,
+            "step": completed, "printed": None, "last": None,
+        }  # fmt: skip
         if self._progress is not None:
             info["task"] = self._progress.add_task(phase.upper(), total=total, completed=completed)
         self._phases[phase] = info
@@ -419,17 +429,42 @@ class ProgressDisplay:
         if phase not in self._phases:
             self.add_phase(phase, total=step)
         info = self._phases[phase]
+        info["step"] = step
         text = _format_metrics(metrics or {}, self.keys)
         if self._progress is not None:
             desc = f"{phase.upper()} {text}".rstrip()
             self._progress.update(info["task"], completed=step, description=desc)
             return
-        if step % self.console_every == 0 or step >= info["total"]:
-            done = step - info["start"]
-            elapsed = time.monotonic() - info["t0"]
+        now = time.monotonic()
+        final = info["total"] is not None and step >= info["total"]
+        due = step % self.console_every == 0 and (info["last"] is None or now - info["last"] >= self.min_interval_s)
+        if final or due:
+            self._plain_line(phase, text)
+
+    def finish(self, phase: str) -> None:
+        """End ``phase`` at its current count: the bar completes (an unknown total becomes the
+        count); plain mode prints the last count unless it already did."""
+        info = self._phases.get(phase)
+        if info is None:
+            return
+        if self._progress is not None:
+            self._progress.update(info["task"], total=info["step"] if info["total"] is None else info["total"])
+        elif info["printed"] != info["step"]:
+            self._plain_line(phase, "")
+
+    def _plain_line(self, phase: str, text: str) -> None:
+        info = self._phases[phase]
+        step, unit = info["step"], info["unit"]
+        done = step - info["start"]
+        elapsed = time.monotonic() - info["t0"]
+        if unit == "step":
             rate = f" | {elapsed / done:.2f}s/step" if done > 0 else ""
-            line = f"[{phase}] step {step}/{info['total']}" + (f" | {text}" if text else "") + rate
-            print(line, file=self.file, flush=True)
+        else:
+            rate = f" | {elapsed / done:.3g}s/{unit}" if done > 0 else ""
+        total = "" if info["total"] is None else f"/{info['total']}"
+        line = f"[{phase}] {unit} {step}{total}" + (f" | {text}" if text else "") + rate
+        print(line, file=self.file, flush=True)
+        info["printed"], info["last"] = step, time.monotonic()
 
     def start_rollouts(self, total: int) -> None:
         """Show (or reset) the bar of rollouts within the current step; no-op in plain mode."""

@@ -80,8 +80,11 @@ def convert(
     cfg: ConvertConfig | None = None,
     *,
     overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> ConvertReport:
     """Convert a public dataset file into shards (or JSONL) in the folder ``out``.
+
+    Bad rows are not logged one by one: they are in the report and ``bad_rows.jsonl``.
 
     Args:
         fmt: one of `CONVERTERS`.
@@ -89,6 +92,7 @@ def convert(
         out: output folder.
         cfg: conversion settings.
         overwrite: replace an existing output.
+        progress: called with the number of rows read so far after each row.
 
     Returns:
         The report (also written to ``out/convert_report.json``).
@@ -114,6 +118,8 @@ def convert(
             if cfg.limit is not None and report.rows >= cfg.limit:
                 break
             report.rows += 1
+            if progress is not None:
+                progress(report.rows)
             ctx.row = number
             try:
                 if isinstance(row, Exception):
@@ -133,11 +139,13 @@ def convert(
                 bad_log.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 if len(report.bad_examples) < MAX_REPORTED:
                     report.bad_examples.append(entry)
-                logger.warning("%s row %d: skipped (%s)", input_path, number, entry["error"])
+                logger.debug("%s row %d: skipped (%s)", input_path, number, entry["error"])
                 continue
             seen.add(sample.id)
             report.written += 1
             report.images += len(sample.image_data)
     report.elapsed_s = time.perf_counter() - start
+    if report.bad:
+        logger.info("%s: %d bad rows skipped (listed in %s)", input_path, report.bad, out / "bad_rows.jsonl")
     (out / "convert_report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False))
     return report
