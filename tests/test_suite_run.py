@@ -231,3 +231,13 @@ def test_axpo_eval_suite_on_the_tiny_model(data, tmp_path, capsys, one_thread):
     assert "Hugging Face model folder" in capsys.readouterr().err
     assert main([*args[:3], "--data-dir", str(tmp_path / "none"), *overrides]) == 2
     assert "--data-dir" in capsys.readouterr().err
+
+
+def test_perception_suite_runs_on_the_default_config_without_a_search_corpus(data, tmp_path, capsys, monkeypatch, one_thread):
+    # The demo config enables search with no corpus; perception benchmarks never search.
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--suite", "hrbench_4k", "--data-dir", str(data), "--out", "out"]
+    overrides = ["eval.samples_per_question=1", "eval.ks=[1]", "eval.max_questions=1", "rollout.max_new_tokens=2",
+                 "rollout.max_turns=1"]  # fmt: skip
+    assert main([*args, *overrides]) == 0, capsys.readouterr().err
+    assert "| tiny |" in capsys.readouterr().out
