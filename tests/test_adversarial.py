@@ -99,6 +99,8 @@ CASES: list[tuple[str, str]] = [
     ("search-not-string", _call("search", {"query": ["a", "b"]})),
     ("search-bad-topk", _call("search", {"query": "x", "top_k": "many"})),
     ("search-negative-topk", _call("search", {"query": "x", "top_k": -3})),
+    ("search-unknown-argument", _call("search", {"query": "Paris", "site": "evil.example"})),
+    ("zoom-unknown-argument", _zoom([0, 0, 500, 500], zoom=8)),
     # --- python: bad arguments ---
     ("py-no-code", _call("python", {})),
     ("py-code-not-string", _call("python", {"code": 42})),

@@ -66,7 +66,7 @@ def test_implements_the_tool_protocol(tool):
         ({"code": ""}, "is empty"),
         ({"code": "  \n\t"}, "is empty"),
         ({"code": "x" * 1001}, "the limit is 1,000"),
-        ({"code": "print(1)", "language": "python"}, "unexpected argument(s) language"),
+        ({"code": "print(1)", "language": "python"}, "unexpected argument(s) language; the python tool takes only 'code'"),
     ],
 )
 def test_bad_arguments_are_explained(tool, arguments, message):

@@ -714,6 +714,28 @@ def test_connected_socket_pairs_still_work(pool):
     assert result.ok and result.stdout == "pair pipe\n", result.stderr
 
 
+def test_forking_works_but_multiprocessing_locks_do_not(pool):
+    """As documented: os.fork and multiprocessing.Process run; multiprocessing's locks, queues and
+    pools need POSIX semaphores in the host's /dev/shm and fail with PermissionError."""
+    forked = pool.run(
+        "import multiprocessing as mp, os\n"
+        "p = mp.Process(target=print, args=('child',))\np.start()\np.join()\n"
+        "pid = os.fork()\nif pid == 0:\n    os._exit(7)\nprint(p.exitcode, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))"
+    )
+    assert forked.ok and forked.stdout == "child\n0 7\n", forked.stderr
+    for code in ("import multiprocessing as mp\nmp.Pool(2)", "import multiprocessing as mp\nmp.Queue()",
+                 "from concurrent.futures import ProcessPoolExecutor\nProcessPoolExecutor(2).submit(abs, -1).result()"):  # fmt: skip
+        refused = pool.run(code)
+        assert refused.failure == "exception" and refused.error_type == "PermissionError", refused.stderr
+    threads = pool.run(
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "with ThreadPoolExecutor(2) as ex:\n    print(sum(ex.map(abs, [-1, -2])))"
+    )
+    assert threads.ok and threads.stdout == "3\n"
+    help_text = SandboxConfig.__dataclass_fields__["allow_subprocess"].metadata["help"]
+    assert "multiprocessing" in help_text and "/dev/shm" in help_text
+
+
 def test_non_utf8_output_is_replaced(pool):
     result = pool.run("import sys; sys.stdout.buffer.write(b'ok \\xff\\xfe end\\n')")
     assert result.ok and result.stdout == "ok \ufffd\ufffd end\n"

@@ -221,6 +221,12 @@ def test_bad_top_k(bm25, top_k):
     assert res.error == "bad_arguments" and "top_k" in res.text
 
 
+def test_unknown_arguments_are_rejected_by_name(bm25):
+    res = SearchTool(bm25)({"query": "Paris", "site": "wikipedia.org", "lang": "fr"}, CTX)
+    assert res.error == "bad_arguments"
+    assert "unexpected argument(s) lang, site; the search tool takes only 'query', 'top_k'" in res.text
+
+
 def test_top_k_values(bm25):
     tool = SearchTool(bm25, SearchConfig(max_top_k=4))
     assert len(tool({"query": "Paris France tower", "top_k": 1}, CTX).metadata["ids"]) == 1

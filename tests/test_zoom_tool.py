@@ -191,6 +191,12 @@ def test_bad_argument_objects(tool, arguments):
     assert res.error == "bad_arguments"
 
 
+def test_unknown_arguments_are_rejected_by_name(tool):
+    res = tool({"bbox_2d": [0, 0, 500, 500], "zoom": 4}, ctx(Image.new("RGB", (100, 100))))
+    assert res.error == "bad_arguments"
+    assert "unexpected argument(s) zoom; the image_zoom_in tool takes only 'bbox_2d', 'label', 'image_index'" in res.text
+
+
 def test_json_string_arguments_are_accepted(tool):
     res = tool('{"bbox_2d": [0, 0, 500, 500]}', ctx(Image.new("RGB", (100, 100))))
     assert res.ok

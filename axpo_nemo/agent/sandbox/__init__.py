@@ -34,6 +34,11 @@ per pool (INFO when 'strong', WARNING otherwise):
   changes (and chmod/chown without setuid);
 * rlimits always; an audit-hook guard only for what nothing above covers.
 
+Forking works (``os.fork``, ``multiprocessing.Process``, up to ``max_processes``), but
+multiprocessing's locks, queues and pools (``Pool``, ``Queue``, ``ProcessPoolExecutor``) raise
+PermissionError: their POSIX semaphores live in /dev/shm, which is the host's and not writable from
+a call. Threads (``concurrent.futures.ThreadPoolExecutor``) work.
+
 In an unprivileged container without user namespaces the pool still gets Landlock + seccomp +
 rlimits, but gives up: a private pid namespace (the call can see other processes in /proc only if
 Landlock is missing; it cannot signal them with Landlock ABI >= 6 or, otherwise, seccomp), the

@@ -76,7 +76,11 @@ class SandboxConfig(ValidatedConfig):
         "connected socket pairs still work).",
     )
     allow_subprocess: bool = setting(
-        False, "Let code execute other programs (execve); forking python processes is always allowed."
+        False,
+        "Let code execute other programs (execve). Forking is always allowed (os.fork, "
+        "multiprocessing.Process), but multiprocessing's locks, queues and pools (Pool, Queue, "
+        "ProcessPoolExecutor) fail with PermissionError: they need POSIX semaphores in /dev/shm, "
+        "which is shared with the host and not writable from a call; threads work.",
     )
     blocked_modules: list[str] = setting(
         DEFAULT_BLOCKED_MODULES,

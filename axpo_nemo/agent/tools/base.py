@@ -9,6 +9,7 @@ a turn (DESIGN.md §2).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -95,6 +96,21 @@ def argument_object(arguments: Any, example: str) -> dict[str, Any] | ToolResult
             "bad_arguments", f"arguments must be an object like {example}, not {type(arguments).__name__}."
         )
     return arguments
+
+
+def unexpected_arguments(arguments: dict[str, Any], tool: str, allowed: Sequence[str]) -> ToolResult | None:
+    """A ``bad_arguments`` error naming the arguments ``tool`` does not take, or None.
+
+    Every tool rejects them alike rather than ignoring them: a model must learn the schema, and a
+    silently ignored argument (``{"query": ..., "site": ...}``) looks like it worked.
+    """
+    extra = sorted(str(k) for k in arguments if k not in allowed)
+    if not extra:
+        return None
+    takes = ", ".join(f"'{name}'" for name in allowed)
+    return ToolResult.failure(
+        "bad_arguments", f"unexpected argument(s) {', '.join(extra)}; the {tool} tool takes only {takes}."
+    )
 
 
 def brief_schema(schema: dict[str, Any]) -> dict[str, Any]:

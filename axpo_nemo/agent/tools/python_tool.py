@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from axpo_nemo.agent.sandbox import SandboxConfig, SandboxPool, SandboxResult
-from axpo_nemo.agent.tools.base import ToolContext, ToolResult, argument_object
+from axpo_nemo.agent.tools.base import ToolContext, ToolResult, argument_object, unexpected_arguments
 
 # SandboxResult.failure -> ToolResult.error
 ERROR_KINDS = {
@@ -102,12 +102,9 @@ class PythonTool:
         arguments = argument_object(arguments, '{"code": "print(1)"}')
         if isinstance(arguments, ToolResult):
             return arguments
-        extra = sorted(str(k) for k in arguments if k != "code")
-        if extra:
-            return ToolResult.failure(
-                "bad_arguments",
-                f"unexpected argument(s) {', '.join(extra)}; the python tool takes only 'code'.",
-            )
+        unexpected = unexpected_arguments(arguments, self.name, ("code",))
+        if unexpected is not None:
+            return unexpected
         if "code" not in arguments:
             return ToolResult.failure(
                 "bad_arguments", "missing required argument 'code' (the Python source to run)."

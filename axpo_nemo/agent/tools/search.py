@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from axpo_nemo.agent.tools.base import ToolContext, ToolResult, argument_object
+from axpo_nemo.agent.tools.base import ToolContext, ToolResult, argument_object, unexpected_arguments
 from axpo_nemo.agent.tools.search_config import SEARCH_BACKENDS as SEARCH_BACKENDS
 from axpo_nemo.agent.tools.search_config import SearchConfig
 
@@ -482,7 +482,7 @@ class SearchTool:
     """Search a text collection (``search``): returns the top passages as a numbered list.
 
     Arguments: ``query`` (non-empty string), ``top_k`` (optional integer ≥ 1; reduced to
-    ``max_top_k``). Never raises.
+    ``max_top_k``); any other argument is a ``bad_arguments`` error. Never raises.
     """
 
     name = "search"
@@ -529,6 +529,9 @@ class SearchTool:
         arguments = argument_object(arguments, '{"query": "..."}')
         if isinstance(arguments, ToolResult):
             return arguments
+        unexpected = unexpected_arguments(arguments, self.name, ("query", "top_k"))
+        if unexpected is not None:
+            return unexpected
         query = arguments.get("query")
         if not isinstance(query, str) or not query.strip():
             got = "nothing" if query is None else f"{type(query).__name__} {query!r}"[:80]

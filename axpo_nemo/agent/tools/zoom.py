@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image, ImageColor
 
-from axpo_nemo.agent.tools.base import ToolContext, ToolResult, argument_object
+from axpo_nemo.agent.tools.base import ToolContext, ToolResult, argument_object, unexpected_arguments
 from axpo_nemo.core.config import ValidatedConfig, setting
 
 COORD_MAX = 1000.0
@@ -149,7 +149,8 @@ class ImageZoomTool:
 
     Arguments: ``bbox_2d`` ([x1, y1, x2, y2] in 0-1000 relative coordinates of the original
     image), ``label`` (optional name of the object), ``image_index`` (optional; 0, the
-    question's first image, by default). Never raises.
+    question's first image, by default); any other argument is a ``bad_arguments`` error. Never
+    raises.
     """
 
     name = "image_zoom_in"
@@ -209,6 +210,9 @@ class ImageZoomTool:
         arguments = argument_object(arguments, '{"bbox_2d": [x1, y1, x2, y2]}')
         if isinstance(arguments, ToolResult):
             return arguments
+        unexpected = unexpected_arguments(arguments, self.name, ("bbox_2d", "label", "image_index"))
+        if unexpected is not None:
+            return unexpected
         if "bbox_2d" not in arguments:
             return _bad("missing required argument bbox_2d: [x1, y1, x2, y2] in 0-1000 coordinates.")
         box, why = parse_bbox(arguments["bbox_2d"])
