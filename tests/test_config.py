@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from axpo_nemo.config import Config, ConfigError, find_config, load_config, load_config_tree, to_yaml
 from axpo_nemo.config.loader import SOURCE_CONF_DIR, closest_key, parse_value
 from axpo_nemo.core import AXPOConfig
+from axpo_nemo.core.config import field_errors, setting
 
 SHIPPED = sorted(SOURCE_CONF_DIR.rglob("*.yaml"))
 
@@ -84,6 +87,66 @@ def test_bad_overrides_fail_with_one_line_naming_the_key(overrides, expected):
     with pytest.raises(ConfigError, match=expected) as info:
         load_config("demo", overrides)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["eval.ks=[0]"], r"eval\.ks\[0\]: must be >= 1 \(got 0\)"),
+        (["eval.ks=[-1,4]"], r"eval\.ks\[0\]: must be >= 1 \(got -1\)"),
+        (["eval.ks=[1,4,0]"], r"eval\.ks\[2\]: must be >= 1"),
+        (["eval.ks=[]"], "give at least one k"),
+        (["eval.samples_per_question=4", "eval.ks=[1,8]"], "exceeds samples_per_question"),
+        (["tools.python.disable=[landlock,selinux]"], "tools.python.disable: must be one of"),
+    ],
+)
+def test_the_tree_checks_list_elements_and_rules_across_fields(overrides, expected):
+    """What config show, plan and the NeMo-RL entry point validate (the tree, not the objects)."""
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_config_tree("demo", overrides)
+    assert "\n" not in str(info.value)
+
+
+def _list_settings(cls: type = Config, prefix: str = ""):
+    """(key, element type, metadata) of every list-valued setting under ``cls``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _list_settings(kind, f"{prefix}{f.name}.")
+            continue
+        for option in (kind, *typing.get_args(kind)):
+            if typing.get_origin(option) in (list, tuple):
+                yield f"{prefix}{f.name}", typing.get_args(option)[0], f.metadata
+
+
+# Lists of names the user chooses freely (module names, paths): nothing to bound.
+FREE_FORM_LISTS = {"tools.python.blocked_modules", "tools.python.preload_modules", "tools.python.extra_readable_paths"}
+
+
+def test_every_list_setting_constrains_its_elements():
+    found = list(_list_settings())
+    assert {"eval.ks", "tools.enabled", "train.stages"} <= {key for key, _, _ in found}
+    for key, element, meta in found:
+        if element in (int, float):
+            assert any(meta.get(b) is not None for b in ("ge", "gt", "le", "lt")), f"{key}: no bounds"
+        else:
+            assert meta.get("choices") is not None or key in FREE_FORM_LISTS, f"{key}: no choices"
+
+
+def test_bounds_apply_to_every_element():
+    @dataclasses.dataclass
+    class Probe:
+        weights: list[float] = setting([1.0], "w", gt=0.0, le=2.0)
+        sizes: tuple[int, ...] = setting((1,), "s", ge=1)
+        scale: float = setting(1.0, "x", gt=0.0)
+
+    assert field_errors(Probe()) == []
+    assert field_errors(Probe(weights=[1.0, 0.0]), "p.") == ["p.weights[1]: must be > 0.0 (got 0.0)"]
+    assert field_errors(Probe(weights=[3.0])) == ["weights[0]: must be <= 2.0 (got 3.0)"]
+    assert field_errors(Probe(weights=[float("nan")])) == ["weights[0]: must be a number (got nan)"]
+    assert field_errors(Probe(sizes=(2, 0, -1))) == ["sizes[1]: must be >= 1 (got 0)"]
+    assert field_errors(Probe(scale=0.0)) == ["scale: must be > 0.0 (got 0.0)"]
 
 
 def test_bad_key_in_a_file_names_the_file_and_key(tmp_path: Path):

@@ -221,6 +221,11 @@ def _constraint_errors(node: DictConfig, schema: type, prefix: str = "") -> list
 
 def load_config_tree(config: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose, override and validate a config; returns the typed, resolved OmegaConf tree."""
+    return _load(config, overrides)[0]
+
+
+def _load(config: str | Path | None, overrides: Sequence[str]) -> tuple[DictConfig, Config]:
+    """The validated tree and the `Config` built from it."""
     schema = OmegaConf.structured(Config)
     for path, node in _compose(find_config(config or DEFAULT_CONFIG)):
         try:
@@ -235,7 +240,15 @@ def load_config_tree(config: str | Path | None = None, overrides: Sequence[str] 
     errors = _constraint_errors(schema, Config)
     if errors:
         raise ConfigError(f"invalid config: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
-    return schema
+    # Building the dataclasses runs their own checks across fields (e.g. every eval k at most
+    # eval.samples_per_question), so a tree that validates here can be built anywhere.
+    try:
+        built = OmegaConf.to_object(schema)
+    except OmegaConfBaseException as exc:
+        raise _error(exc, "") from exc
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from exc
+    return schema, built
 
 
 def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -243,7 +256,7 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
 
     Raises `ConfigError` with a one-line message naming the bad key or file.
     """
-    return OmegaConf.to_object(load_config_tree(config, overrides))
+    return _load(config, overrides)[1]
 
 
 def to_yaml(cfg: Config | DictConfig) -> str:

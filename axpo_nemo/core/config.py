@@ -28,7 +28,8 @@ def setting(
 ) -> Any:
     """Declare a documented config field with optional valid choices and numeric bounds.
 
-    Example: ``r: float = setting(0.25, "budget ratio", ge=0.0, le=1.0)``.
+    Example: ``r: float = setting(0.25, "budget ratio", ge=0.0, le=1.0)``. For a list field the
+    choices and bounds apply to every element (``ks: list[int] = setting([1, 4], "...", ge=1)``).
     Mutable defaults (lists, dicts) are wrapped in a default factory.
     """
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
@@ -41,8 +42,9 @@ def field_errors(obj: Any, prefix: str = "", schema: type | None = None) -> list
     """Check an object's fields against the choices and bounds its dataclass declares.
 
     ``obj`` is a dataclass instance, or any attribute-bearing node (e.g. an OmegaConf node) when
-    ``schema`` names its dataclass. Returns one message per violation, each starting with the
-    field's key path (``prefix`` + field name). Nested dataclasses are not descended into.
+    ``schema`` names its dataclass. A list (or tuple) field's choices and bounds constrain each
+    element (named ``key[i]``). Returns one message per violation, each starting with the field's
+    key path (``prefix`` + field name). Nested dataclasses are not descended into.
     """
     errors = []
     for f in dataclasses.fields(schema or obj):
@@ -53,28 +55,41 @@ def field_errors(obj: Any, prefix: str = "", schema: type | None = None) -> list
         key = f"{prefix}{f.name}"
         if value is None:
             continue
+        is_list = isinstance(value, Sequence) and not isinstance(value, str)
+        items = list(enumerate(value)) if is_list else [(None, value)]
         if meta.get("choices") is not None:
-            # For a list field the choices constrain each element.
-            items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-            bad = [v for v in items if v not in meta["choices"]]
+            bad = [v for _, v in items if v not in meta["choices"]]
             if bad:
                 allowed = ", ".join(str(c) for c in meta["choices"])
                 errors.append(f"{key}: must be one of {allowed} (got {bad[0]!r})")
                 continue
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if isinstance(value, float) and math.isnan(value):
-                errors.append(f"{key}: must be a number (got nan)")
-                continue
-            for bound, ok, word in (
-                ("ge", lambda v, b: v >= b, ">="),
-                ("gt", lambda v, b: v > b, ">"),
-                ("le", lambda v, b: v <= b, "<="),
-                ("lt", lambda v, b: v < b, "<"),
-            ):
-                b = meta.get(bound)
-                if b is not None and not ok(value, b):
-                    errors.append(f"{key}: must be {word} {b} (got {value!r})")
+        for i, item in items:
+            problem = _bound_error(item, meta)
+            if problem:
+                errors.append(f"{key}{'' if i is None else f'[{i}]'}: {problem}")
+                break  # one message per field
     return errors
+
+
+_BOUNDS = (
+    ("ge", lambda v, b: v >= b, ">="),
+    ("gt", lambda v, b: v > b, ">"),
+    ("le", lambda v, b: v <= b, "<="),
+    ("lt", lambda v, b: v < b, "<"),
+)
+
+
+def _bound_error(value: Any, meta: Any) -> str | None:
+    """Why a number breaks the declared bounds (None when it does not, or is no number)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return "must be a number (got nan)"
+    for bound, ok, word in _BOUNDS:
+        b = meta.get(bound)
+        if b is not None and not ok(value, b):
+            return f"must be {word} {b} (got {value!r})"
+    return None
 
 
 class ValidatedConfig:

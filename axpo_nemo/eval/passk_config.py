@@ -18,7 +18,7 @@ class EvalConfig(ValidatedConfig):
     samples_per_question: int = setting(
         4, "Rollouts n per question; at least max(ks) (unbiased pass@k needs n >= k).", ge=1
     )
-    ks: list[int] = setting([1, 4], "The k of each reported Pass@k.")
+    ks: list[int] = setting([1, 4], "The k of each reported Pass@k (each >= 1 and <= samples_per_question).", ge=1)
     batch_size: int = setting(
         32, "Trajectories run through the agent loop together (per generator call) at most.", ge=1
     )
