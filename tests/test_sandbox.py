@@ -477,6 +477,12 @@ def test_launch_directory_is_unreadable(tier, tmp_path, monkeypatch):
     assert lazy.ok and lazy.stdout == "imported\n", lazy.stderr  # the interpreter stays readable
 
 
+def test_allowed_subprocesses_can_run_the_interpreter():
+    with SandboxPool(config(pool_size=1, allow_subprocess=True)) as p:
+        result = p.run("import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'import json; print(6 * 7)'], check=True)")
+    assert result.ok and result.stdout == "42\n", result.stderr
+
+
 def test_readable_paths_leave_out_the_launch_directories(tmp_path):
     from axpo_nemo.agent.sandbox.confinement import default_readable_paths
 

@@ -179,8 +179,23 @@ def interpreter_paths(modules: Sequence[str] = ()) -> list[str]:
         if origin:
             package = os.path.dirname(origin) if os.path.basename(origin).startswith("__init__.") else origin
             paths += [package, package + ".libs"]  # wheels put bundled shared libraries beside it
-    pyvenv = os.path.join(sys.prefix, "pyvenv.cfg")  # a subprocess python reads it (allow_subprocess)
-    return [*paths, pyvenv]
+    # What running the interpreter again needs (allow_subprocess): the directories of the symlinks
+    # leading to the binary and of the binary, libpython, pyvenv.cfg.
+    paths += [os.path.dirname(p) for p in _symlink_chain(sys.executable)]
+    paths += [sysconfig.get_config_var("LIBDIR") or "", os.path.join(sys.prefix, "pyvenv.cfg")]
+    return paths
+
+
+def _symlink_chain(path: str) -> list[str]:
+    """``path``, each symlink it leads through, and the file it ends at (absolute paths)."""
+    chain = [os.path.abspath(path)]
+    for _ in range(40):  # the kernel's own limit on nested links
+        try:
+            target = os.readlink(chain[-1])
+        except OSError:
+            break
+        chain.append(os.path.normpath(os.path.join(os.path.dirname(chain[-1]), target)))
+    return [*chain, os.path.realpath(path)]
 
 
 def default_readable_paths(
