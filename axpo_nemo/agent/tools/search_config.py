@@ -23,7 +23,10 @@ class SearchConfig(ValidatedConfig):
         choices=SEARCH_BACKENDS,
     )
     corpus_path: str | None = setting(
-        None, "bm25: JSONL corpus, one passage per line ('contents' or 'text', optional 'title', 'id')."
+        None,
+        "bm25: JSONL corpus, one passage per line ('contents' or 'text', optional 'title', 'id'). "
+        "Unset: training and `axpo tools run search` use the data folder's corpus.jsonl (the "
+        "synthetic task writes one).",
     )
     url: str | None = setting(None, "http: base URL of the retrieval server; requests go to {url}/retrieve.")
     top_k: int = setting(3, "Passages returned when the model does not ask for a number.", ge=1)
