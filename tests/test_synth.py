@@ -277,15 +277,19 @@ def test_every_search_question_retrieves_its_fact_first(data):
         assert s.metadata["value"] in out.text.split("\n\n")[0]
 
 
-@pytest.fixture(scope="module")
-def toolbox(data):
-    result, _ = data
+def _toolbox(result):
+    """Every tool, searching ``result``'s corpus."""
     cfg = ToolsConfig(
         enabled=["image_zoom_in", "python", "search"],
         search=SearchConfig(corpus_path=str(result.corpus_path)),
         python=SandboxConfig(pool_size=2),
     )
-    with build_tools(cfg) as tools:
+    return build_tools(cfg)
+
+
+@pytest.fixture(scope="module")
+def toolbox(data):
+    with _toolbox(data[0]) as tools:
         yield tools
 
 
@@ -393,12 +397,7 @@ def test_each_tool_family_has_a_learnable_right_call_and_a_wrong_call_shows_no_a
     # the operands, the colour's triple, the relation), the right call shows the answer, which the
     # policy then copies, and a call one choice off shows nothing that scores.
     result, samples = request.getfixturevalue("data" if which == "default" else "demo_data")
-    cfg = ToolsConfig(
-        enabled=["image_zoom_in", "python", "search"],
-        search=SearchConfig(corpus_path=str(result.corpus_path)),
-        python=SandboxConfig(pool_size=2),
-    )
-    with build_tools(cfg) as toolbox:
+    with _toolbox(result) as toolbox:
         _check_tool_families(result, samples, toolbox)
 
 
