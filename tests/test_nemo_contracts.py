@@ -92,19 +92,26 @@ def stub_policy(policy_cfg: dict, dp: int = 1):
 # --- checkpoints ------------------------------------------------------------------------------
 
 
+def _saving_policy(master_cls, master: dict, tmp_path, monkeypatch):
+    """(v0.7.0 master config checkpointing under ``tmp_path``, a stub-worker `Policy` for it)."""
+    from nemo_rl.models.policy import lm_policy
+
+    monkeypatch.setattr(lm_policy.ray, "get", lambda refs: refs)
+    master["checkpointing"]["checkpoint_dir"] = str(tmp_path / "ckpts")
+    master_config = master_cls(**master)
+    return master_config, stub_policy(master_config.policy)
+
+
 @pytest.mark.parametrize("name", CLUSTER_CONFIGS)
 def test_policy_save_checkpoint_accepts_every_rl_master_config(name, tmp_path, monkeypatch):
     from nemo_rl.algorithms import grpo
-    from nemo_rl.models.policy import lm_policy
     from nemo_rl.utils.checkpoint import CheckpointManager
 
     from axpo_nemo.nemo.trainer import save_checkpoint
 
-    monkeypatch.setattr(lm_policy.ray, "get", lambda refs: refs)
-    master = build_master_config(load_config(name))
-    master["checkpointing"]["checkpoint_dir"] = str(tmp_path / "ckpts")
-    master_config = grpo.MasterConfig(**master)
-    policy = stub_policy(master_config.policy)
+    master_config, policy = _saving_policy(
+        grpo.MasterConfig, build_master_config(load_config(name)), tmp_path, monkeypatch
+    )
     trainer = SimpleNamespace(
         step_count=3, order=SimpleNamespace(epoch=0), questions_per_step=4, state_dict=lambda: {"step": 3}
     )
@@ -135,14 +142,11 @@ def test_policy_save_checkpoint_accepts_every_rl_master_config(name, tmp_path, m
 @pytest.mark.parametrize("name", CLUSTER_CONFIGS)
 def test_policy_save_checkpoint_accepts_every_sft_master_config(name, tmp_path, monkeypatch):
     from nemo_rl.algorithms import sft
-    from nemo_rl.models.policy import lm_policy
     from nemo_rl.utils.checkpoint import CheckpointManager
 
-    monkeypatch.setattr(lm_policy.ray, "get", lambda refs: refs)
-    master = build_sft_master_config(load_config(name))
-    master["checkpointing"]["checkpoint_dir"] = str(tmp_path / "ckpts")
-    master_config = sft.MasterConfig(**master)
-    policy = stub_policy(master_config.policy)
+    master_config, policy = _saving_policy(
+        sft.MasterConfig, build_sft_master_config(load_config(name)), tmp_path, monkeypatch
+    )
     checkpointer = CheckpointManager(master_config.checkpointing)
     # sft_train's save (v0.7.0 algorithms/sft.py 573-594): init_tmp_checkpoint, save_checkpoint, finalize
     path = checkpointer.init_tmp_checkpoint(5, {"step": 5}, master_config)
