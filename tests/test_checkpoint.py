@@ -93,7 +93,11 @@ def test_interrupted_saves_are_ignored_then_cleaned(tmp_path):
     assert step == 2 and state["trainer"] == {"step": 2}
     assert [s for s, _ in mgr.checkpoints()] == [2]
     mgr.save(3, {"trainer": {"step": 3}})
-    assert _names(tmp_path) == {"step_000002", "step_000003"}
+    # The dead temporary is deleted; the marker-less step folder is moved aside, never deleted.
+    names = _names(tmp_path)
+    assert {n for n in names if n.startswith("step_")} == {"step_000002", "step_000003"}
+    (aside,) = [n for n in names if not n.startswith("step_")]
+    assert aside.startswith("invalid-step_000004-") and (tmp_path / aside / "model.pt").is_file()
 
 
 def test_keep_last_prunes_oldest(tmp_path):
@@ -161,6 +165,27 @@ def test_all_corrupt_or_empty_gives_none(tmp_path):
     assert mgr.load_latest() is None
     _flip(mgr.save(1, {"model": {"w": torch.ones(50)}}))
     assert mgr.load_latest() is None
+
+
+def test_all_invalid_checkpoints_stop_the_resume_and_are_never_deleted(tmp_path):
+    """Every marker garbled, weights intact: 'auto' refuses (no silent restart), saves move aside."""
+    mgr = CheckpointManager(tmp_path / "ck", keep_last=2)
+    for step in (1, 2):
+        mgr.save(step, {"model": {"w": torch.full((8,), float(step))}})
+    for _, path in mgr.step_folders():
+        (path / "COMPLETE").write_text("garbled")
+    weights = {p.name: (p / "model.pt").read_bytes() for _, p in mgr.step_folders()}
+    with pytest.raises(CheckpointError, match=r"none of its 2 checkpoint\(s\) is valid.*step_000002"):
+        resolve_resume("auto", mgr)
+    assert {p.name: (p / "model.pt").read_bytes() for _, p in mgr.step_folders()} == weights
+
+    # A save next to folders with a damaged marker moves them aside with their weights, never deletes.
+    mgr.save(3, {"model": {"w": torch.zeros(8)}})
+    aside = sorted(n for n in _names(tmp_path / "ck") if n.startswith("invalid-"))
+    assert [n.split("-")[1] for n in aside] == ["step_000001", "step_000002"]
+    for name in aside:
+        assert (tmp_path / "ck" / name / "model.pt").read_bytes() == weights[name.split("-")[1]]
+    assert resolve_resume("auto", mgr)[0] == 3
 
 
 def test_same_step_is_replaced_and_later_steps_moved_aside(tmp_path, caplog):

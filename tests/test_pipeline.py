@@ -443,3 +443,51 @@ def test_rerun_logs_the_evaluation_once(tmp_path, one_thread):
     for _ in range(2):  # the second run is a rerun of a finished one: nothing new to do
         Pipeline(cfg).run(GracefulStop())
     assert len(read_metrics(out, "eval")) == 1
+
+
+def test_resume_refuses_all_invalid_checkpoints_and_a_changed_shape(tmp_path, one_thread, capsys, caplog):
+    """No silent restart over damaged checkpoints; a changed batch shape is refused, an lr warned."""
+    from axpo_nemo.cli import main
+    from axpo_nemo.config import ConfigError
+
+    out = tmp_path / "run"
+    base = (
+        "train.stages=[data,rl]",
+        "checkpoint.every=1",
+        "tools.enabled=[image_zoom_in]",
+        "data.synth.num_rl=4",
+        "rollout.max_turns=2",
+        "rollout.max_new_tokens=16",
+    )
+    Pipeline(_config(out, *base, "rl.steps=1")).run(GracefulStop())
+    ckpts = CheckpointManager(out / "rl" / "checkpoints")
+
+    with pytest.raises(ConfigError, match=r"rollout.group_size is 2 but the rl checkpoint .*step_000001 was made with 4"):
+        Pipeline(_config(out, *base, "rl.steps=2", "rollout.group_size=2")).run(GracefulStop())
+    assert [s for s, _ in ckpts.checkpoints()] == [1]
+
+    with caplog.at_level(logging.WARNING, logger="axpo_nemo.local.resume_settings"):
+        Pipeline(_config(out, *base, "rl.steps=2", "rl.lr=1e-4")).run(GracefulStop())
+    assert any("rl.lr changed since the checkpoint" in r.getMessage() for r in caplog.records)
+    assert [r["step"] for r in read_metrics(out, "rl")] == [1, 2]
+
+    for _, path in ckpts.step_folders():
+        (path / "COMPLETE").write_text("garbled")
+    weights = {p.name: (p / "model.pt").read_bytes() for _, p in ckpts.step_folders()}
+    rc = main(["train", f"output_dir={out}", *COMMON, *base, "rl.steps=3", "rl.lr=1e-4"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1, err
+    assert "none of its 2 checkpoint(s) is valid" in err and "COMPLETE" in err
+    assert {p.name: (p / "model.pt").read_bytes() for _, p in ckpts.step_folders()} == weights
+    assert [r["step"] for r in read_metrics(out, "rl")] == [1, 2]
+
+
+def test_a_fresh_start_never_logs_a_step_twice(tmp_path, one_thread):
+    """Killed before its first checkpoint, a rerun starts at step 1: the earlier lines are replaced."""
+    out = tmp_path / "run"
+    cfg = _config(out, "train.stages=[data,rl]", "rl.steps=1", "tools.enabled=[image_zoom_in]",
+                  "data.synth.num_rl=4", "rollout.max_turns=2", "rollout.max_new_tokens=16")  # fmt: skip
+    Pipeline(cfg).run(GracefulStop())
+    shutil.rmtree(out / "rl" / "checkpoints")  # as if killed after logging step 1, before saving it
+    Pipeline(cfg).run(GracefulStop())
+    assert [r["step"] for r in read_metrics(out, "rl")] == [1]

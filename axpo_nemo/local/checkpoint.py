@@ -17,7 +17,10 @@ So a state may hold only tensors, str/bytes/int/float/bool/None, dicts, lists an
 (``save`` checks this up front and names the offending key; numpy arrays must be converted, as
 :func:`capture_rng_state` does). ``load_latest`` takes the newest checkpoint whose manifest
 verifies and skips corrupt ones (missing marker, missing/short/changed file, unreadable torch
-file) with a WARNING naming the folder and the reason.
+file) with a WARNING naming the folder and the reason. When checkpoints exist and *none*
+verifies, ``resolve_resume('auto')`` stops with a CheckpointError instead of starting over: a
+fresh start would prune the folder and lose weights that may still be intact behind a damaged
+marker. Folders without a valid marker are never deleted, only moved aside (``invalid-…``).
 
 **Pitfalls of peer frameworks this avoids** (shared/notes/peers_and_pitfalls.md, "Resume"):
 resuming at an epoch boundary skipping an epoch, and a changed dataset silently skipping samples
@@ -69,8 +72,11 @@ _TMP_RE = re.compile(r"^\.(?:tmp|old)-step_\d+-(\d+)$")
 _CHUNK = 8 << 20
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names its folder and the reason."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names its folder and the reason.
+
+    A ValueError: like a bad config value, it is the user's to fix (the CLI prints one line).
+    """
 
 
 class _HashingWriter:
@@ -236,7 +242,7 @@ class CheckpointManager:
         return {"size": w.size, "sha256": w.sha.hexdigest()}
 
     def _prune(self, saved_step: int) -> None:
-        """Move later steps aside, delete stale temporaries and invalid folders, keep the last k."""
+        """Move later steps and invalid folders aside, delete stale temporaries, keep the last k."""
         for entry in self.dir.iterdir():
             m = _TMP_RE.match(entry.name)
             if m and entry.is_dir():
@@ -249,8 +255,16 @@ class CheckpointManager:
         complete = []
         for step, path in self._step_dirs():
             if self._read_marker(path) is None:
-                logger.warning("removing incomplete checkpoint folder %s (no valid %s marker)", path, MARKER)
-                shutil.rmtree(path, ignore_errors=True)
+                # Only a damaged marker can get here (saves are atomic): the weights may be intact.
+                aside = self.dir / f"invalid-{path.name}-{int(time.time())}"
+                logger.warning(
+                    "checkpoint folder %s has no valid %s marker: moved to %s (delete it when no "
+                    "longer wanted)",
+                    path,
+                    MARKER,
+                    aside,
+                )
+                os.replace(path, aside)
             elif step > saved_step:
                 aside = self.dir / f"superseded-{path.name}-{int(time.time())}"
                 logger.warning(
@@ -289,6 +303,10 @@ class CheckpointManager:
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             return None
         return manifest
+
+    def step_folders(self) -> list[tuple[int, Path]]:
+        """``(step, folder)`` of every ``step_*`` folder, valid or not, oldest first."""
+        return self._step_dirs()
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """``(step, folder)`` of every checkpoint with a readable marker, oldest first (not verified)."""
@@ -347,20 +365,32 @@ class CheckpointManager:
         return int(manifest["step"]), state
 
     def load_latest(
-        self, *, map_location: Any = "cpu", checksums: bool = True
+        self, *, map_location: Any = "cpu", checksums: bool = True, require_one: bool = False
     ) -> tuple[int, dict[str, Any]] | None:
         """The newest checkpoint that verifies and loads, as ``(step, state)``; None when there is none.
 
-        Each newer one that fails is skipped with a WARNING naming it and why.
+        Each newer one that fails is skipped with a WARNING naming it and why. With
+        ``require_one`` a folder that holds ``step_*`` folders none of which loads raises
+        CheckpointError (naming the folder, the count and the newest one's fault) instead of
+        returning None.
         """
-        for step, path in reversed(self._step_dirs()):
+        first_error = None
+        folders = self._step_dirs()
+        for step, path in reversed(folders):
             try:
                 loaded = self.load(path, map_location=map_location, checksums=checksums)
             except CheckpointError as exc:
                 logger.warning("skipping corrupt checkpoint: %s", exc)
+                first_error = first_error or exc
                 continue
             logger.info("resuming from checkpoint %s (step %d)", path, step)
             return loaded
+        if require_one and folders:
+            raise CheckpointError(
+                f"{self.dir}: none of its {len(folders)} checkpoint(s) is valid (newest: {first_error}); "
+                "nothing was changed: repair or move them away to start over, or set "
+                "checkpoint.resume to one of them"
+            )
         return None
 
 
@@ -369,13 +399,14 @@ def resolve_resume(
 ) -> tuple[int, dict[str, Any]] | None:
     """Apply a ``checkpoint.resume`` setting: the ``(step, state)`` to continue from, or None.
 
-    'auto': ``manager.load_latest()``. 'never': None, but raises FileExistsError when the
+    'auto': ``manager.load_latest(require_one=True)``: None for a fresh folder, CheckpointError
+    when checkpoints exist but none is valid (never a silent restart over them). 'never': None, but raises FileExistsError when the
     folder already holds checkpoints (a fresh run there would prune or mix with them). A path:
     that ``step_*`` folder (errors raise CheckpointError, no fallback: it was asked for by name),
     or the newest valid checkpoint of that checkpoint folder.
     """
     if resume == "auto":
-        return manager.load_latest(map_location=map_location)
+        return manager.load_latest(map_location=map_location, require_one=True)
     if resume == "never":
         existing = manager.checkpoints()
         if existing:

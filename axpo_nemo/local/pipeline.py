@@ -50,6 +50,7 @@ from axpo_nemo.local.checkpoint import CheckpointManager, GracefulStop, resolve_
 from axpo_nemo.local.generator import LocalGenerator
 from axpo_nemo.local.metrics_log import MetricsLogger, ProgressDisplay, read_metrics
 from axpo_nemo.local.plots import plot_run, summary_markdown, summary_table
+from axpo_nemo.local.resume_settings import SETTINGS_KEY, check_resumed_settings, flat_settings
 from axpo_nemo.local.rl import RLTrainer
 from axpo_nemo.local.sft import SFTTrainer
 from axpo_nemo.models import PolicyBundle, build_policy
@@ -184,11 +185,7 @@ class Pipeline:
         if trainer.skipped:
             logger.warning("sft: skipped samples %s", dict(trainer.skipped))
         manager = self._checkpoints("sft")
-        resumed = resolve_resume(self.cfg.checkpoint.resume, manager)
-        if resumed is not None:
-            trainer.load_state_dict(resumed[1])
-            self.metrics.truncate_after(resumed[0], "sft")
-            logger.info("sft: resumed from step %d", resumed[0])
+        self._resume("sft", trainer, manager)
         self._train_loop("sft", trainer, trainer.total_steps, manager, stop)
         final.parent.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save(self.bundle.model.state_dict(), final)
@@ -206,13 +203,29 @@ class Pipeline:
             questions_per_step=self.cfg.rollout.questions_per_step, group_size=self.cfg.rollout.group_size,
         )  # fmt: skip
         manager = self._checkpoints("rl")
-        resumed = resolve_resume(self.cfg.checkpoint.resume, manager)
-        if resumed is not None:
-            trainer.load_state_dict(resumed[1])
-            self.metrics.truncate_after(resumed[0], "rl")
-            logger.info("rl: resumed from step %d", resumed[0])
+        self._resume("rl", trainer, manager)
         self._train_loop("rl", trainer, self.cfg.rl.steps, manager, stop)
         self.result.paths["rl"] = manager.dir
+
+    def _resume(self, stage: str, trainer, manager: CheckpointManager) -> None:
+        """Continue ``trainer`` from the stage's checkpoint per ``checkpoint.resume``, or start fresh.
+
+        A resume first checks the checkpoint's settings (`check_resumed_settings`). Either way the
+        stage's metric lines after the starting step are dropped, so a rerun never logs a step twice.
+        """
+        resumed = resolve_resume(self.cfg.checkpoint.resume, manager)
+        start = 0
+        if resumed is not None:
+            start, state = resumed
+            check_resumed_settings(
+                state.get(SETTINGS_KEY),
+                flat_settings(self.cfg),
+                stage,
+                str(manager.dir / manager.step_dir_name(start)),
+            )
+            trainer.load_state_dict(state)
+            logger.info("%s: resumed from step %d", stage, start)
+        self.metrics.truncate_after(start, stage)
 
     def _checkpoints(self, stage: str) -> CheckpointManager:
         """The stage's checkpoint folder: ``<checkpoint.dir>/<stage>`` or ``<output_dir>/<stage>/checkpoints``."""
@@ -234,7 +247,7 @@ class Pipeline:
             if self.console is not None:
                 self.console.update(phase, step, metrics)
             if self.cfg.checkpoint.due(step) or stop.requested:
-                manager.save(step, trainer.state_dict())
+                manager.save(step, self._checkpoint_state(trainer))
                 saved = step
             if stop.requested:
                 logger.warning(
@@ -242,7 +255,10 @@ class Pipeline:
                 )
                 raise Stopped
         if saved != trainer.step_count or not manager.checkpoints():
-            manager.save(trainer.step_count, trainer.state_dict())
+            manager.save(trainer.step_count, self._checkpoint_state(trainer))
+
+    def _checkpoint_state(self, trainer) -> dict[str, Any]:
+        return {**trainer.state_dict(), SETTINGS_KEY: flat_settings(self.cfg)}
 
     def stage_eval(self) -> None:
         """Pass@k with tool metrics on the evaluation questions (resumable)."""
@@ -331,7 +347,7 @@ def bundle_from_run(run_dir: str | Path, cfg: Config) -> PolicyBundle:
         raise FileNotFoundError(f"{run_dir}: no such run folder")
     bundle = build_policy(cfg.model, seed=cfg.seed)
     folder = Path(cfg.checkpoint.dir) / "rl" if cfg.checkpoint.dir else run_dir / "rl" / "checkpoints"
-    loaded = CheckpointManager(folder, cfg.checkpoint.keep_last).load_latest()
+    loaded = CheckpointManager(folder, cfg.checkpoint.keep_last).load_latest(require_one=True)
     if loaded is not None:
         bundle.model.load_state_dict(loaded[1]["model"])
     elif (run_dir / "sft" / "final.pt").exists():
