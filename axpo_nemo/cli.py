@@ -346,7 +346,8 @@ def _data_filter_sft(args: argparse.Namespace) -> int:
     with _overwrite_hint(args.out), _Progress("trajectory") as progress:
         report = filter_sft(
             args.input, args.out, output=args.output, shard_cfg=_shard_cfg(args), reward_cfg=cfg.reward,
-            overwrite=args.overwrite, progress=progress.counter("filter-sft", _count_items(args.input)),
+            overwrite=args.overwrite, allow_incomplete=args.allow_incomplete,
+            progress=progress.counter("filter-sft", _count_items(args.input)),
         )  # fmt: skip
     print(report.summary())
     return 0
@@ -362,7 +363,7 @@ def _data_prune(args: argparse.Namespace) -> int:
     with _overwrite_hint(args.out), _Progress("question") as progress:
         report = prune_pool(
             args.pool, args.out, args.sft_results, args.teacher_results, cfg, output=args.output,
-            shard_cfg=_shard_cfg(args), overwrite=args.overwrite,
+            shard_cfg=_shard_cfg(args), overwrite=args.overwrite, allow_incomplete=args.allow_incomplete,
             progress=progress.counter("prune", _count_items(args.pool)),
         )  # fmt: skip
     print(report.summary())
@@ -582,6 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("input", help="trajectories: a JSONL file or a shard folder")
     filt.add_argument("out", help="output folder")
     output_args(filt)
+    filt.add_argument(
+        "--allow-incomplete", action="store_true",
+        help="read an input shard folder whose writer did not finish (its finished shards)",
+    )  # fmt: skip
     _add_config_args(filt)
     filt.set_defaults(handler=_data_filter_sft)
 
@@ -599,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--keep-teacher-failed", action="store_true", help="do not drop questions the teacher fails")
     prune.add_argument("--missing", choices=("keep", "drop"), default="keep", help="questions without records")
     output_args(prune)
+    prune.add_argument(
+        "--allow-incomplete", action="store_true",
+        help="read an input shard folder whose writer did not finish (its finished shards)",
+    )  # fmt: skip
     prune.set_defaults(handler=_data_prune)
 
     ev = commands.add_parser(

@@ -65,6 +65,41 @@ def test_corrupt_shards(fresh_dir, capsys):
     one_line(capsys, ["data", "filter-sft", "pool", "out2"], "index.json", "not valid JSON")
 
 
+def test_a_failed_data_command_leaves_no_output_that_reads_as_valid(fresh_dir, capsys):
+    """prune stopping on a truncated shard: no `out`, the partial work kept as `out.incomplete`,
+    which readers refuse unless asked."""
+    pool = shards(fresh_dir / "pool")
+    third = sorted(pool.glob("*.tar"))[2]  # q4: the first four samples are read and written first
+    third.write_bytes(third.read_bytes()[:700])
+    (fresh_dir / "r.jsonl").write_text("")
+    prune = ["data", "prune", "--sft-results", "r.jsonl", "--teacher-results", "r.jsonl"]
+    one_line(capsys, [*prune, "pool", "out"], third.name, "(bytes 0-", "shorter")
+    assert not (fresh_dir / "out").exists()
+    partial = fresh_dir / "out.incomplete"
+    assert (partial / "index.json").is_file() and not list(fresh_dir.glob(".out.tmp-*"))
+    one_line(capsys, ["data", "filter-sft", "out.incomplete", "sft"], "out.incomplete", "unfinished", "--allow-incomplete")
+    assert not (fresh_dir / "sft").exists()
+
+    # Asked for explicitly, the finished part (the four whole questions) is read.
+    assert main([*prune, "out.incomplete", "again", "--allow-incomplete"]) == 0
+    assert "4 questions: kept 4" in capsys.readouterr().out
+
+
+def test_jsonl_summaries_count_skipped_lines(fresh_dir, capsys):
+    lines = [Sample(f"q{i}", f"What is {i}?", str(i), "math").to_dict() for i in range(3)]
+    import json
+
+    text = "\n".join([json.dumps(lines[0]), "{not json", json.dumps(lines[1]), '{"id": 3}', json.dumps(lines[2])])
+    (fresh_dir / "pool.jsonl").write_text(text + "\n")
+    (fresh_dir / "r.jsonl").write_text("")
+    assert main(["data", "prune", "pool.jsonl", "pruned", "--sft-results", "r.jsonl", "--teacher-results", "r.jsonl"]) == 0
+    out = capsys.readouterr().out
+    assert "3 questions" in out and "skipped 2 unreadable pool lines" in out
+    assert json.loads((fresh_dir / "pruned" / "prune_report.json").read_text())["skipped_lines"] == 2
+    assert main(["data", "filter-sft", "pool.jsonl", "sft"]) == 0
+    assert "skipped 2 unreadable input lines" in capsys.readouterr().out
+
+
 def test_bad_configs(fresh_dir, capsys):
     (fresh_dir / "bad.yaml").write_text("rollout: [1, 2\n")
     one_line(capsys, ["config", "show", "--config", "bad.yaml"], "config error", "bad.yaml", "not valid YAML")

@@ -124,10 +124,14 @@ def test_interrupted_writer_keeps_whole_samples_and_no_temp_files(tmp_path):
             if i == 6:
                 raise RuntimeError("boom")
             w.write(s, images=images)
-    index = read_index(tmp_path)
+    with pytest.raises(ValueError, match=r"an unfinished dataset .*2 finished shard.*6 samples.*--allow-incomplete"):
+        read_index(tmp_path)  # never read as if it were whole, unless asked
+    with pytest.raises(ValueError, match="unfinished"):
+        ShardReader(tmp_path)
+    index = read_index(tmp_path, allow_incomplete=True)
     assert not index["complete"] and index["num_samples"] == 6
     assert not list(tmp_path.glob("*.tmp"))
-    assert [s.id for s in ShardReader(tmp_path)] == [f"q{i}" for i in range(6)]
+    assert [s.id for s in ShardReader(tmp_path, allow_incomplete=True)] == [f"q{i}" for i in range(6)]
     with tarfile.open(tmp_path / "shard-000001.tar") as tar:  # the cut shard is a valid tar
         assert len([n for n in tar.getnames() if n.endswith(".json")]) == 2
 

@@ -30,6 +30,7 @@ from typing import Any
 from axpo_nemo.core.config import ValidatedConfig, setting
 from axpo_nemo.data.shards import SampleSink, ShardConfig, iter_samples
 from axpo_nemo.eval.passk import read_results_file
+from axpo_nemo.run.atomic import atomic_output_dir
 
 __all__ = ["PruneConfig", "PruneReport", "prune_pool", "read_results"]
 
@@ -64,6 +65,7 @@ class PruneReport:
         too_few_sft / too_few_teacher: questions whose record has fewer than k rollouts.
         dropped_missing: dropped for lack of records (``missing: drop``).
         unknown_ids: records whose id is not in the pool.
+        skipped_lines: JSONL pool lines that are not a valid sample (skipped, with a WARNING).
     """
 
     total: int = 0
@@ -78,6 +80,7 @@ class PruneReport:
     too_few_teacher: int = 0
     dropped_missing: int = 0
     unknown_ids: int = 0
+    skipped_lines: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
@@ -91,6 +94,7 @@ class PruneReport:
             f"missing records: sft {self.missing_sft}, teacher {self.missing_teacher}; "
             f"fewer than k rollouts: sft {self.too_few_sft}, teacher {self.too_few_teacher}; "
             f"records of unknown questions: {self.unknown_ids}"
+            + (f"; skipped {self.skipped_lines} unreadable pool lines" if self.skipped_lines else "")
         )
 
 
@@ -124,12 +128,15 @@ def prune_pool(
     output: str = "shards",
     shard_cfg: ShardConfig | None = None,
     overwrite: bool = False,
+    allow_incomplete: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> PruneReport:
     """Prune the question pool ``pool`` (JSONL or shards) into ``out`` (shards or JSONL).
 
     Writes ``out/prune_report.json`` and ``out/pruned.jsonl`` (each dropped id with its reasons).
-    ``progress`` is called with the number of questions read so far after each one.
+    ``progress`` is called with the number of questions read so far after each one. ``out``
+    appears only when the whole pool was read (`atomic_output_dir`; a failure keeps the partial
+    output in ``<out>.incomplete``); ``allow_incomplete`` reads an unfinished pool shard folder.
     """
     cfg = cfg or PruneConfig()
     if not Path(pool).exists():  # before anything is written
@@ -139,12 +146,16 @@ def prune_pool(
     teacher = read_results(teacher_results)
     report = PruneReport(config=asdict(cfg))
     seen: set[str] = set()
-    out = Path(out)
+
+    def skipped(_line: int, _reason: str) -> None:
+        report.skipped_lines += 1
+
     with (
-        SampleSink(out, output, shard_cfg, overwrite=overwrite) as sink,
-        (out / "pruned.jsonl").open("w", encoding="utf-8") as log,
+        atomic_output_dir(out, overwrite, keep_failed=True) as tmp,
+        SampleSink(tmp, output, shard_cfg, overwrite=True) as sink,
+        (tmp / "pruned.jsonl").open("w", encoding="utf-8") as log,
     ):
-        for sample in iter_samples(pool):
+        for sample in iter_samples(pool, allow_incomplete=allow_incomplete, on_skip=skipped):
             report.total += 1
             seen.add(sample.id)
             reasons = []
@@ -180,7 +191,7 @@ def prune_pool(
                 sink.write(sample)
             if progress is not None:
                 progress(report.total)
-    report.unknown_ids = len((set(sft) | set(teacher)) - seen)
-    report.elapsed_s = time.perf_counter() - start
-    (out / "prune_report.json").write_text(json.dumps(asdict(report), indent=2))
+        report.unknown_ids = len((set(sft) | set(teacher)) - seen)
+        report.elapsed_s = time.perf_counter() - start
+        (tmp / "prune_report.json").write_text(json.dumps(asdict(report), indent=2))
     return report

@@ -15,7 +15,7 @@ import dataclasses
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,8 +149,11 @@ def write_samples(samples: Iterable[Sample], path: str | Path) -> int:
     return count
 
 
-def read_samples(path: str | Path) -> Iterator[Sample]:
-    """Read samples from JSONL; a bad line is logged with its line number and skipped."""
+def read_samples(path: str | Path, on_skip: Callable[[int, str], None] | None = None) -> Iterator[Sample]:
+    """Read samples from JSONL; a bad line is logged with its line number and skipped.
+
+    ``on_skip(line_number, reason)`` is called for each skipped line (so reports can count them).
+    """
     path = Path(path)
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -160,3 +163,5 @@ def read_samples(path: str | Path) -> Iterator[Sample]:
                 yield Sample.from_dict(json.loads(line))
             except (ValueError, TypeError) as exc:
                 logger.warning("%s:%d: skipped a bad sample (%s)", path, number, exc)
+                if on_skip is not None:
+                    on_skip(number, str(exc))

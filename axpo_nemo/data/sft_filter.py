@@ -22,6 +22,7 @@ from typing import Any
 from axpo_nemo.agent.rewards import RewardConfig, score_answer
 from axpo_nemo.data.schema import Sample
 from axpo_nemo.data.shards import SampleSink, ShardConfig, iter_samples
+from axpo_nemo.run.atomic import atomic_output_dir
 
 __all__ = ["SFTFilterReport", "filter_sft", "filter_trajectories", "final_assistant_text", "uses_tools"]
 
@@ -65,6 +66,7 @@ class SFTFilterReport:
         no_trajectory: dropped: no assistant turn.
         kept_tool_using: kept trajectories that call a tool.
         kept_by_source / dropped_by_source: per ``Sample.source``.
+        skipped_lines: JSONL input lines that are not a valid sample (skipped, with a WARNING).
     """
 
     total: int = 0
@@ -74,6 +76,7 @@ class SFTFilterReport:
     kept_tool_using: int = 0
     kept_by_source: dict[str, int] = field(default_factory=dict)
     dropped_by_source: dict[str, int] = field(default_factory=dict)
+    skipped_lines: int = 0
     elapsed_s: float = 0.0
 
     @property
@@ -86,6 +89,7 @@ class SFTFilterReport:
         return (
             f"{self.total} trajectories: kept {self.kept} ({self.tool_share:.0%} with tool calls), "
             f"dropped {self.wrong} wrong and {self.no_trajectory} without an assistant turn"
+            + (f"; skipped {self.skipped_lines} unreadable input lines" if self.skipped_lines else "")
         )
 
 
@@ -135,21 +139,31 @@ def filter_sft(
     shard_cfg: ShardConfig | None = None,
     reward_cfg: RewardConfig | None = None,
     overwrite: bool = False,
+    allow_incomplete: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> SFTFilterReport:
     """Filter a trajectory set (JSONL or shards) into SFT shards (or JSONL) in ``out``; the
     report is also written to ``out/sft_filter_report.json``. ``progress`` is called with the
-    number of trajectories read so far after each one."""
+    number of trajectories read so far after each one.
+
+    ``out`` appears only when the whole input was read (`atomic_output_dir`; a failure keeps the
+    partial output in ``<out>.incomplete``). ``allow_incomplete`` reads an unfinished input
+    shard folder (see `read_index`)."""
     if not Path(input_path).exists():  # before anything is written
         raise FileNotFoundError(f"{input_path}: no such JSONL file or shard folder")
     start = time.perf_counter()
     report = SFTFilterReport()
-    with SampleSink(out, output, shard_cfg, overwrite=overwrite) as sink:
-        samples = iter_samples(input_path)
-        if progress is not None:
-            samples = _counted(samples, progress)
-        sink.write_all(filter_trajectories(samples, report, reward_cfg))
-    report.elapsed_s = time.perf_counter() - start
-    payload = {**asdict(report), "tool_share": report.tool_share}
-    (Path(out) / "sft_filter_report.json").write_text(json.dumps(payload, indent=2))
+
+    def skipped(_line: int, _reason: str) -> None:
+        report.skipped_lines += 1
+
+    with atomic_output_dir(out, overwrite, keep_failed=True) as tmp:
+        with SampleSink(tmp, output, shard_cfg, overwrite=True) as sink:
+            samples = iter_samples(input_path, allow_incomplete=allow_incomplete, on_skip=skipped)
+            if progress is not None:
+                samples = _counted(samples, progress)
+            sink.write_all(filter_trajectories(samples, report, reward_cfg))
+        report.elapsed_s = time.perf_counter() - start
+        payload = {**asdict(report), "tool_share": report.tool_share}
+        (tmp / "sft_filter_report.json").write_text(json.dumps(payload, indent=2))
     return report

@@ -39,7 +39,7 @@ import os
 import random
 import tarfile
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,8 +292,12 @@ def is_shard_dir(path: str | Path) -> bool:
     return (Path(path) / INDEX_NAME).is_file()
 
 
-def read_index(folder: str | Path) -> dict[str, Any]:
-    """The shard index of ``folder``; a missing or malformed index raises ValueError naming it."""
+def read_index(folder: str | Path, *, allow_incomplete: bool = False) -> dict[str, Any]:
+    """The shard index of ``folder``; a missing or malformed index raises ValueError naming it.
+
+    An index marked ``complete: false`` (its writer failed or was interrupted) also raises
+    ValueError unless ``allow_incomplete``: then its finished shards are read, with a WARNING.
+    """
     path = Path(folder) / INDEX_NAME
     if not path.is_file():
         raise ValueError(f"{folder}: no {INDEX_NAME} (write shards with ShardWriter, or run index_shards)")
@@ -310,9 +314,13 @@ def read_index(folder: str | Path) -> dict[str, Any]:
                 f"{path}: shards[{i}] ({shard.get('name')}): offsets must have samples + 1 entries"
             )
     if not index.get("complete", True):
-        logger.warning(
-            "%s: the writer did not finish; reading the %d finished shard(s)", path, len(index["shards"])
-        )
+        finished = f"{len(index['shards'])} finished shard(s), {sum(s['samples'] for s in index['shards'])} samples"
+        if not allow_incomplete:
+            raise ValueError(
+                f"{folder}: an unfinished dataset (its writer failed or was stopped; {finished}): rerun the "
+                "command that wrote it, or read it anyway with --allow-incomplete (allow_incomplete=True)"
+            )
+        logger.warning("%s: the writer did not finish; reading its %s", path, finished)
     return index
 
 
@@ -448,6 +456,7 @@ class ShardReader:
         chunk_size: int = 4,
         rank: int = 0,
         world_size: int = 1,
+        allow_incomplete: bool = False,
     ) -> None:
         """Open a shard folder.
 
@@ -462,6 +471,7 @@ class ShardReader:
             prefetch: chunks in flight per worker.
             chunk_size: samples per worker task.
             rank / world_size: read every ``world_size``-th sample of the epoch, from ``rank``.
+            allow_incomplete: read a folder whose writer did not finish (see `read_index`).
         """
         errors = []
         if shuffle_buffer < 0:
@@ -479,7 +489,7 @@ class ShardReader:
         if errors:
             raise ValueError("ShardReader: " + "; ".join(errors))
         self.folder = Path(folder)
-        self.index = read_index(self.folder)
+        self.index = read_index(self.folder, allow_incomplete=allow_incomplete)
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_shards = shuffle_shards
         self.seed = seed
@@ -625,20 +635,27 @@ class ShardReader:
 
 
 # -- JSONL or shards, the same way ---------------------------------------------------------------
-def iter_samples(path: str | Path, decode: str = "bytes") -> Iterator[Sample]:
+def iter_samples(
+    path: str | Path,
+    decode: str = "bytes",
+    *,
+    allow_incomplete: bool = False,
+    on_skip: Callable[[int, str], None] | None = None,
+) -> Iterator[Sample]:
     """Samples of a JSONL file or a shard folder, in stored order, images in ``image_data``.
 
     JSONL images are read from their files (relative to the file's folder); ``decode`` is
-    ``bytes`` (encoded, as stored) or ``pil``.
+    ``bytes`` (encoded, as stored) or ``pil``. ``allow_incomplete``: see `read_index`.
+    ``on_skip(line, reason)`` is called for each bad JSONL line skipped (see `read_samples`).
     """
     path = Path(path)
     if path.is_dir():
-        with ShardReader(path, decode=decode) as reader:
+        with ShardReader(path, decode=decode, allow_incomplete=allow_incomplete) as reader:
             yield from reader
         return
     if not path.is_file():
         raise ValueError(f"{path}: no such JSONL file or shard folder")
-    for sample in read_samples(path):
+    for sample in read_samples(path, on_skip=on_skip):
         data = [(path.parent / rel).read_bytes() for rel in sample.images]
         sample.image_data = data if decode == "bytes" else [decode_image(d) for d in data]
         yield sample

@@ -35,11 +35,7 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +43,10 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, Qwen3VLProcessor
 
 from axpo_nemo.models import PolicyBundle, load_processor, save_pretrained_bundle
+from axpo_nemo.run.atomic import atomic_output_dir
 
 __all__ = [
     "PROCESSOR_FILES",
-    "atomic_output_dir",
     "complete_hf_folder",
     "export_checkpoint",
     "export_from_state_dict",
@@ -79,37 +75,6 @@ PROCESSOR_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-
-@contextmanager
-def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``out_dir``; on success it replaces ``out_dir``."""
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"export: {out_dir} already exists (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp creates 0700; an export is meant to be shared
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
-    """Context manager yielding a temporary folder beside ``out_dir`` that replaces it on success.
-
-    A failure (or interruption) removes the temporary folder and leaves ``out_dir`` as it was.
-    Raises FileExistsError when ``out_dir`` exists and ``overwrite`` is False.
-    """
-    return _atomic_dir(Path(out_dir).expanduser().absolute(), overwrite)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -183,7 +148,7 @@ def export_hf(
         return export_from_state_dict(
             bundle.model.state_dict(), bundle, out_dir, dtype=dtype, overwrite=overwrite
         )
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         save_pretrained_bundle(bundle, tmp)
         _complete_processor_files(tmp, bundle.processor)
     return out_dir

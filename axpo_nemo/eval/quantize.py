@@ -60,8 +60,9 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from axpo_nemo.core.config import ValidatedConfig, setting
 from axpo_nemo.data.schema import Sample, read_samples
-from axpo_nemo.eval.export import atomic_output_dir, complete_hf_folder, resolve_chat_template
+from axpo_nemo.eval.export import complete_hf_folder, resolve_chat_template
 from axpo_nemo.models import PolicyBundle, load_processor
+from axpo_nemo.run.atomic import atomic_output_dir
 
 __all__ = [
     "DEFAULT_EXCLUDE",

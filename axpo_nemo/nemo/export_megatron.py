@@ -47,8 +47,9 @@ from typing import Any
 
 import yaml
 
-from axpo_nemo.eval.export import atomic_output_dir, complete_hf_folder, resolve_chat_template
+from axpo_nemo.eval.export import complete_hf_folder, resolve_chat_template
 from axpo_nemo.nemo import adapter
+from axpo_nemo.run.atomic import atomic_output_dir
 
 __all__ = [
     "SOURCE_FORMATS",

@@ -21,6 +21,7 @@ from axpo_nemo.data.converters import fvqa, mmfinereason, pyvision_rl, virl39k
 from axpo_nemo.data.converters.common import BadRow, ConvertConfig, RowContext, read_rows
 from axpo_nemo.data.schema import Sample
 from axpo_nemo.data.shards import SampleSink
+from axpo_nemo.run.atomic import atomic_output_dir
 
 __all__ = ["CONVERTERS", "BadRow", "ConvertConfig", "ConvertReport", "convert"]
 
@@ -95,7 +96,9 @@ def convert(
         progress: called with the number of rows read so far after each row.
 
     Returns:
-        The report (also written to ``out/convert_report.json``).
+        The report (also written to ``out/convert_report.json``). ``out`` appears only when the
+        whole input was read (`atomic_output_dir`; a failure keeps the partial output in
+        ``<out>.incomplete``).
     """
     if fmt not in CONVERTERS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(CONVERTERS)}")
@@ -108,11 +111,11 @@ def convert(
     report = ConvertReport(fmt, str(input_path), str(out))
     seen: set[str] = set()
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     converter = CONVERTERS[fmt]
     with (
-        SampleSink(out, cfg.output, cfg.shard, overwrite=overwrite) as sink,
-        (out / "bad_rows.jsonl").open("w", encoding="utf-8") as bad_log,
+        atomic_output_dir(out, overwrite, keep_failed=True) as tmp,
+        SampleSink(tmp, cfg.output, cfg.shard, overwrite=True) as sink,
+        (tmp / "bad_rows.jsonl").open("w", encoding="utf-8") as bad_log,
     ):
         for number, row in read_rows(input_path):
             if cfg.limit is not None and report.rows >= cfg.limit:
@@ -144,8 +147,8 @@ def convert(
             seen.add(sample.id)
             report.written += 1
             report.images += len(sample.image_data)
-    report.elapsed_s = time.perf_counter() - start
+        report.elapsed_s = time.perf_counter() - start
+        (tmp / "convert_report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False))
     if report.bad:
         logger.info("%s: %d bad rows skipped (listed in %s)", input_path, report.bad, out / "bad_rows.jsonl")
-    (out / "convert_report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False))
     return report

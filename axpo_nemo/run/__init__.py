@@ -1,0 +1,1 @@
+"""Run infrastructure every backend and every command shares (no model, no backend imports)."""
