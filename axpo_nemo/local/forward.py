@@ -7,7 +7,19 @@ go through `encode`, which takes the image positions from the trajectory's image
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+#: The name transformers gives the KV cache, as a forward keyword and as an output field:
+#: ``cache`` in the releases that deprecate ``past_key_values`` (removed in 5.40), else the old name.
+CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen3VLTextModel.forward).parameters else "past_key_values"
+
+
+def kv_cache(output):
+    """The KV cache a transformers forward returned (whatever this transformers release calls it)."""
+    return getattr(output, CACHE_ARG)
 
 
 def encode(model, inputs: dict[str, torch.Tensor], past_key_values=None):
@@ -18,7 +30,7 @@ def encode(model, inputs: dict[str, torch.Tensor], past_key_values=None):
     model sampled one. Works for any padding (``inputs`` needs ``input_ids``, ``attention_mask``,
     ``position_ids`` ``[4, B, L]``, ``visual_mask`` and, with images, ``pixel_values`` /
     ``image_grid_thw`` in ``visual_mask`` order). Returns the decoder output
-    (``last_hidden_state``, ``past_key_values``).
+    (``last_hidden_state``, and the KV cache: read it with `kv_cache`).
     """
     dev = next(model.parameters()).device
     core = model.model
@@ -40,7 +52,7 @@ def encode(model, inputs: dict[str, torch.Tensor], past_key_values=None):
         inputs_embeds=embeds,
         attention_mask=inputs["attention_mask"].to(dev),
         position_ids=inputs["position_ids"].to(dev),
-        past_key_values=past_key_values,
         use_cache=past_key_values is not None,
+        **{CACHE_ARG: past_key_values},
         **extra,
     )

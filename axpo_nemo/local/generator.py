@@ -13,7 +13,7 @@ One ``generate`` call samples one assistant turn for every given state:
    the plain token index used for the causal mask, rows 1-3: t/h/w). A decoded token's position
    is the row's max position + 1 on all three axes, i.e. ``len + rope_delta``. Passing positions
    explicitly means the model's cached ``rope_deltas`` is neither read nor written.
-3. **Decode.** A plain loop over ``model(input_ids=[B,1], past_key_values=cache, ...)``; each row
+3. **Decode.** A plain loop over ``model(input_ids=[B,1], cache=cache, ...)``; each row
    stops on its stop tokens (kept in the output) or its ``max_new_tokens``; finished rows are
    dropped from the batch and cache.
 
@@ -42,7 +42,7 @@ from transformers import DynamicCache
 from axpo_nemo.agent.loop import Continuation, SamplingParams, WorkCounters, per_state_params
 from axpo_nemo.agent.protocol import ImageSlot
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
-from axpo_nemo.local.forward import encode
+from axpo_nemo.local.forward import CACHE_ARG, encode, kv_cache
 
 __all__ = ["GeneratorStats", "LocalGenerator", "mrope_positions", "sample_tokens"]
 
@@ -272,7 +272,7 @@ class LocalGenerator:
             # Image features go where the slots say, so a sampled <|image_pad|> is just a token.
             out = encode(self.model, inputs, past_key_values=DynamicCache(config=self.model.config.get_text_config()))
             self._tls.stats.prefill_calls += 1
-            caches.append(out.past_key_values)
+            caches.append(kv_cache(out))
             logits.append(self.model.lm_head(out.last_hidden_state[:, -1]).float())
         self._tls.stats.prefill_sequences += len(contexts)
         cache = caches[0]
@@ -335,11 +335,11 @@ class LocalGenerator:
                 input_ids=tok[:, None],
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=cache,
                 use_cache=True,
+                **{CACHE_ARG: cache},
             )
             self._tls.stats.decode_steps += 1
-            cache = res.past_key_values
+            cache = kv_cache(res)
             logits = res.logits[:, -1].float()
             text_pos, rope_pos = text_pos + 1, rope_pos + 1
         self._tls.stats.sampled_tokens += sum(len(t) for t in tokens)

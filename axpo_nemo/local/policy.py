@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from axpo_nemo.agent.protocol import ImageSlot
-from axpo_nemo.local.forward import encode
+from axpo_nemo.local.forward import encode, kv_cache
 from axpo_nemo.local.generator import mrope_positions
 
 #: Shared prefixes shorter than this are not worth a separate forward.
@@ -307,7 +307,7 @@ def _hidden_states(
     pre = encode(
         model, batch_inputs([head], merge_size, pad_id), DynamicCache(config=model.config.get_text_config())
     )
-    cache = pre.past_key_values
+    cache = kv_cache(pre)
     cache.batch_repeat_interleave(len(seqs))
     suffix = encode(model, batch_inputs(seqs, merge_size, pad_id, start=prefix), cache).last_hidden_state
     width = suffix.shape[1]
