@@ -1,5 +1,6 @@
 """The config's ``tools:`` section (`ToolsConfig`), apart from the tools themselves (built by
-`axpo_nemo.agent.tools.registry.build_tools`) so that loading a config stays light.
+`axpo_nemo.agent.tools.registry.build_tools`) so that loading a config stays light. The valid tool
+names come from the tool table (`axpo_nemo.agent.tools.catalog.TOOLS`).
 """
 
 from __future__ import annotations
@@ -7,13 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from axpo_nemo.agent.sandbox.config import SandboxConfig
+from axpo_nemo.agent.tools.catalog import TOOL_NAMES
 from axpo_nemo.agent.tools.search_config import SearchConfig
 from axpo_nemo.agent.tools.zoom import ZoomConfig
 from axpo_nemo.core.config import ValidatedConfig, setting
 
 __all__ = ["TOOL_NAMES", "ToolsConfig"]
-
-TOOL_NAMES = ("image_zoom_in", "python", "search")
 
 
 @dataclass

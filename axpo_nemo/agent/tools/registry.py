@@ -1,4 +1,9 @@
-"""Which tools an agent gets, built from the config's ``tools:`` section."""
+"""Which tools an agent gets, built from the config's ``tools:`` section.
+
+Each tool is built from its entry in the tool table (`axpo_nemo.agent.tools.catalog.TOOLS`):
+its builder, the config section it reads and what it needs. Adding a tool is adding an entry
+there (see docs/extending.md); nothing here names a tool.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,19 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from axpo_nemo.agent.tools.base import Tool, ToolContext, ToolResult, brief_schema
+from axpo_nemo.agent.tools.catalog import TOOLS, ToolSpec, tool_spec
 from axpo_nemo.agent.tools.config import TOOL_NAMES, ToolsConfig
-from axpo_nemo.agent.tools.python_tool import PythonTool
-from axpo_nemo.agent.tools.search import SearchTool
-from axpo_nemo.agent.tools.zoom import ImageZoomTool
+
+__all__ = [
+    "TOOLS",
+    "TOOL_NAMES",
+    "BriefTool",
+    "ToolSpec",
+    "Toolbox",
+    "ToolsConfig",
+    "build_tool",
+    "build_tools",
+]
 
 
 class Toolbox(Mapping[str, Tool]):
@@ -66,25 +80,29 @@ class BriefTool:
             close()
 
 
+def build_tool(spec: ToolSpec, cfg: ToolsConfig) -> Tool:
+    """The tool of table entry ``spec``, configured from its section of ``cfg``.
+
+    A ``ValueError`` from the builder of a tool that ``needs`` settings is re-raised naming the
+    section and the keys to set.
+    """
+    try:
+        return spec.build(getattr(cfg, spec.section))
+    except ValueError as exc:  # e.g. no corpus_path for bm25: name the config keys
+        if not spec.needs:
+            raise
+        raise ValueError(f"tools.{spec.section}: {exc} (set {spec.needs})") from exc
+
+
 def build_tools(cfg: ToolsConfig) -> Toolbox:
     """The tools ``cfg.enabled`` names, configured from their sections.
 
-    The python tool's sandbox pool starts on its first call; close the toolbox when done.
+    Every name is looked up in the tool table before any tool is built; a name without an entry
+    raises ``ValueError`` naming it and the known tools. The python tool's sandbox pool starts
+    on its first call; close the toolbox when done.
     """
-    unknown = [name for name in cfg.enabled if name not in TOOL_NAMES]
-    if unknown:
-        raise ValueError(f"tools.enabled: unknown tool {unknown[0]!r}; choose from {', '.join(TOOL_NAMES)}")
-    tools: dict[str, Tool] = {}
-    for name in cfg.enabled:
-        if name == "image_zoom_in":
-            tools[name] = ImageZoomTool(cfg.zoom)
-        elif name == "python":
-            tools[name] = PythonTool(config=cfg.python)
-        else:
-            try:
-                tools[name] = SearchTool(cfg=cfg.search)
-            except ValueError as exc:  # e.g. no corpus_path for bm25: name the config keys
-                raise ValueError(f"tools.search: {exc} (set tools.search.corpus_path or tools.search.url)") from exc
+    specs = [tool_spec(name) for name in cfg.enabled]
+    tools: dict[str, Tool] = {spec.name: build_tool(spec, cfg) for spec in specs}
     if cfg.schema_detail == "brief":
         tools = {name: BriefTool(tool) for name, tool in tools.items()}
     return Toolbox(tools)
