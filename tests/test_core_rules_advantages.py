@@ -332,6 +332,23 @@ def test_non_triggered_groups_untouched_by_axpo():
     assert torch.equal(adv.advantages[2:4], grpo.advantages[2:4])  # g0's non-tool rows too
 
 
+def test_rows_left_out_of_the_loss_still_count_in_their_group_statistics():
+    # row_mask drops a row from the loss (e.g. NaN logprobs) but its reward is valid: g0's
+    # statistics keep row 2 (the only correct original, reward 1), so every other row's advantage
+    # is exactly what it is without the mask. Dropping it from the statistics instead would make
+    # g0 all wrong among the rest ([0, 0, 0] -> 0 advantages).
+    b, plan, axpo = scenario()
+    full = core.assemble_advantages(b, plan, axpo)
+    keep = torch.ones(b.num_rows, dtype=torch.bool)
+    keep[2] = False
+    masked = core.assemble_advantages(b, plan, axpo, row_mask=keep)
+    assert torch.equal(masked.row_advantage, full.row_advantage)
+    assert torch.equal(masked.prefix_advantage, full.prefix_advantage)
+    assert not masked.loss_mask[2].any() and not masked.advantages[2].any()
+    assert torch.equal(masked.advantages[keep], full.advantages[keep])
+    assert torch.equal(masked.loss_mask[keep], full.loss_mask[keep])
+
+
 def test_assemble_rejects_inconsistent_plans():
     b, plan, axpo = scenario()
     with pytest.raises(ValueError):

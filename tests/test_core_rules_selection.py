@@ -311,6 +311,34 @@ def test_random_selection_is_seeded_and_breadth_first():
     assert len(seen) > 1, "different seeds never gave a different order"
 
 
+def test_random_selection_order_and_rng_are_pinned():
+    # The random ablation draws one key per candidate, in row order, from torch.rand on a CPU
+    # torch.Generator seeded with `seed`; it then runs the same breadth-first rounds as the other
+    # modes on those keys (smallest first; ties by row). u plays no part: reversing every u leaves
+    # the plan unchanged. A change of RNG or key order changes every random-selection experiment.
+    def rows(reverse):
+        out = []
+        for g in range(3):
+            us = [0.1 * (g + 1) + 0.05 * j for j in range(3)]
+            out += [tool_rollout(g, 0.0, u=u) for u in (us[::-1] if reverse else us)]
+            out.append(no_tool_rollout(g, 1.0))
+        return batch(out)
+
+    cfg = core.AXPOConfig(r=1.0, k=3, selection="random")  # M = 4: round 1 and one of round 2
+    for seed in (0, 1, 7, 12345):
+        plan = core.plan_resampling(rows(False), cfg, seed=seed)
+        candidates = plan.candidates.tolist()
+        assert candidates == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+        key = torch.rand(len(candidates), generator=torch.Generator().manual_seed(seed)).tolist()
+        rank = {}
+        for g in range(3):
+            members = sorted((key[j], j) for j, row in enumerate(candidates) if row // 4 == g)
+            rank.update({j: r for r, (_, j) in enumerate(members)})
+        order = sorted(range(len(candidates)), key=lambda j: (rank[j], key[j], j))
+        assert plan.selected.tolist() == [candidates[j] for j in order][:4]
+        assert torch.equal(core.plan_resampling(rows(True), cfg, seed=seed).selected, plan.selected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Speculation: the plan guessed before correctness is known
 # ---------------------------------------------------------------------------------------------

@@ -133,10 +133,12 @@ def plan_resampling(
 ) -> ResamplePlan:
     """Find triggered groups and choose up to M prefixes to resample, breadth-first.
 
-    Only original rows are considered. ``seed`` drives the ``random`` selection mode (use a
-    different seed each step, e.g. ``base_seed * 100003 + step``); other modes are deterministic,
-    with ties broken by row index. ``extra_budget`` takes that many prefixes beyond M (the next
-    ones in selection order; `speculative_plan` uses it, AXPO itself never does).
+    Only original rows are considered. ``seed`` drives the ``random`` selection mode: one
+    ``torch.rand`` key per candidate, in row order, from a CPU generator seeded with it, ordered
+    breadth-first like the other modes (use a different seed each step; both trainers pass
+    ``derive_seed("plan", seed, step)``). The other modes are deterministic, with ties broken by
+    row index. ``extra_budget`` takes that many prefixes beyond M (the next ones in selection
+    order; `speculative_plan` uses it, AXPO itself never does). docs/core.md lists these choices.
     """
     stats = group_tool_stats(batch)
     orig = batch.is_original
