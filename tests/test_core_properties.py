@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 
 from axpo_nemo import core
 
+pytestmark = pytest.mark.numerics
+
 EPS = 1e-6
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

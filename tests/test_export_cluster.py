@@ -41,7 +41,7 @@ from axpo_nemo.nemo.export_megatron import (
     find_nemo_rl_checkpoint,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
 
 COMPLETE_FILES = {
     "config.json",

@@ -26,6 +26,8 @@ from axpo_nemo.models import (
 )
 from axpo_nemo.models import tokenizer as tokenizer_module
 
+pytestmark = pytest.mark.numerics
+
 TOOLS = [{"type": "function", "function": {"name": "zoom", "parameters": {"type": "object"}}}]
 TOOLS_SYSTEM_BLOCK = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"

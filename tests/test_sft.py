@@ -39,7 +39,7 @@ class SmallZoom:
         return ToolResult(text="zoomed", images=[context.images[0].crop((0, 0, 64, 64))])
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
 
 
 @pytest.fixture(scope="module")

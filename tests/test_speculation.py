@@ -10,6 +10,8 @@ import torch
 
 from axpo_nemo.local.speculation import SharedTasks, SpeculativeWave, continuation_positions
 
+pytestmark = pytest.mark.numerics
+
 
 class Row:
     """A trajectory stand-in: what `continuation_positions` reads."""
