@@ -186,7 +186,7 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
 
 
 def _report_run(result) -> int:
-    from axpo_nemo.local.pipeline import EXIT_STOPPED
+    from axpo_nemo.run.stop import EXIT_STOPPED
 
     print(f"\nrun folder: {result.output_dir}  ({result.seconds:.0f} s)")
     for name, path in result.paths.items():
@@ -264,7 +264,7 @@ class _Progress:
     on its first count; `counter` gives a ``progress(done)`` callback for one phase."""
 
     def __init__(self, unit: str) -> None:
-        from axpo_nemo.local.metrics_log import ProgressDisplay
+        from axpo_nemo.run.metrics_log import ProgressDisplay
 
         self.unit = unit
         self.display = ProgressDisplay(min_interval_s=PLAIN_PROGRESS_INTERVAL_S)
@@ -401,8 +401,9 @@ def _eval(args: argparse.Namespace) -> int:
     from axpo_nemo.agent.protocol import ChatProtocol
     from axpo_nemo.data.schema import read_samples
     from axpo_nemo.eval.passk import evaluate
-    from axpo_nemo.local.pipeline import Pipeline, bundle_from_run
+    from axpo_nemo.local.pipeline import Pipeline
     from axpo_nemo.models import build_policy
+    from axpo_nemo.run.run_folder import bundle_from_run
 
     cfg, _ = _load(args)
     bundle = bundle_from_run(args.run, cfg) if args.run else build_policy(cfg.model, seed=cfg.seed)

@@ -17,17 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from axpo_nemo.local.checkpoint import (
+from axpo_nemo.run.checkpoint import (
     MARKER,
     CheckpointConfig,
     CheckpointError,
     CheckpointManager,
-    DataCursor,
-    GracefulStop,
-    capture_rng_state,
     resolve_resume,
-    restore_rng_state,
 )
+from axpo_nemo.run.data_cursor import DataCursor
+from axpo_nemo.run.rng import capture_rng_state, restore_rng_state
+from axpo_nemo.run.stop import GracefulStop
 
 
 def _state(step: int) -> dict:
@@ -151,7 +150,7 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog, kind):
     mgr.save(1, {"model": {"w": torch.arange(100.0)}, "trainer": {"step": 1}})
     latest = mgr.save(2, {"model": {"w": torch.arange(100.0) * 2}, "trainer": {"step": 2}})
     corrupt(latest)
-    with caplog.at_level(logging.WARNING, logger="axpo_nemo.local.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="axpo_nemo.run.checkpoint"):
         step, state = mgr.load_latest()
     assert step == 1 and torch.equal(state["model"]["w"], torch.arange(100.0))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -292,7 +291,8 @@ def test_graceful_stop_sets_flag_and_restores_handlers():
 
 TRAIN_UNTIL_SIGNAL = """
 import sys, time, torch
-from axpo_nemo.local.checkpoint import CheckpointManager, GracefulStop
+from axpo_nemo.run.checkpoint import CheckpointManager
+from axpo_nemo.run.stop import GracefulStop
 mgr = CheckpointManager(sys.argv[1], keep_last=2)
 w = torch.zeros(4)
 with GracefulStop() as stop:
@@ -310,7 +310,7 @@ sys.exit(3)
 
 KILLED_MID_SAVE = """
 import sys, time, torch
-from axpo_nemo.local.checkpoint import CheckpointManager
+from axpo_nemo.run.checkpoint import CheckpointManager
 
 class Stalling(CheckpointManager):
     block = False

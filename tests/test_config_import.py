@@ -66,9 +66,13 @@ def test_lazy_exports_are_the_defining_modules_objects():
 def test_configs_are_still_importable_from_their_old_modules():
     from axpo_nemo.agent.tools import config as tools_config
     from axpo_nemo.agent.tools import registry, search, search_config
+    from axpo_nemo.config import checkpoint as checkpoint_config
+    from axpo_nemo.config import rl as rl_config
+    from axpo_nemo.config import sft as sft_config
     from axpo_nemo.data import synth, synth_config
     from axpo_nemo.eval import passk, passk_config
-    from axpo_nemo.local import checkpoint, checkpoint_config, rl, rl_config, sft, sft_config
+    from axpo_nemo.local import rl, sft
+    from axpo_nemo.run import checkpoint
 
     assert rl.RLConfig is rl_config.RLConfig and sft.SFTConfig is sft_config.SFTConfig
     assert checkpoint.CheckpointConfig is checkpoint_config.CheckpointConfig

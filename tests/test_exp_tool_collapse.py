@@ -255,7 +255,7 @@ def test_config_changes(exp, tmp_path):
 def _fake_finished(exp, out: Path, seeds, steps: int) -> None:
     import torch
 
-    from axpo_nemo.local.checkpoint import CheckpointManager
+    from axpo_nemo.run.checkpoint import CheckpointManager
 
     for seed in seeds:
         sft = out / f"seed{seed}" / "sft"

@@ -15,8 +15,8 @@ import pytest
 import torch
 from rich.table import Table
 
-from axpo_nemo.local.metrics_log import (
-    LoggingConfig,
+from axpo_nemo.config.logs import LoggingConfig
+from axpo_nemo.run.metrics_log import (
     MetricsLogger,
     ProgressDisplay,
     read_metrics,

@@ -38,9 +38,11 @@ import torch
 
 from axpo_nemo.config import load_config
 from axpo_nemo.core import STEP_METRIC_NAMES
-from axpo_nemo.local.checkpoint import CheckpointManager, GracefulStop
-from axpo_nemo.local.metrics_log import read_metrics
-from axpo_nemo.local.pipeline import EXIT_STOPPED, Pipeline, bundle_from_run
+from axpo_nemo.local.pipeline import Pipeline
+from axpo_nemo.run.checkpoint import CheckpointManager
+from axpo_nemo.run.metrics_log import read_metrics
+from axpo_nemo.run.run_folder import bundle_from_run
+from axpo_nemo.run.stop import EXIT_STOPPED, GracefulStop
 
 #: Settings shared by every run here: small enough for seconds per RL step on a CPU, with enough
 #: SFT (32 steps) that RL sees some reward (answer fallback and the format term help), so its
@@ -338,7 +340,7 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(demo_run, tmp_path, 
     data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # same size: only the checksum can tell
     weights.write_bytes(bytes(data))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="axpo_nemo.local.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="axpo_nemo.run.checkpoint"):
         step, state = manager.load_latest()
     assert step == 3
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -466,7 +468,7 @@ def test_resume_refuses_all_invalid_checkpoints_and_a_changed_shape(tmp_path, on
         Pipeline(_config(out, *base, "rl.steps=2", "rollout.group_size=2")).run(GracefulStop())
     assert [s for s, _ in ckpts.checkpoints()] == [1]
 
-    with caplog.at_level(logging.WARNING, logger="axpo_nemo.local.resume_settings"):
+    with caplog.at_level(logging.WARNING, logger="axpo_nemo.run.resume_settings"):
         Pipeline(_config(out, *base, "rl.steps=2", "rl.lr=1e-4")).run(GracefulStop())
     assert any("rl.lr changed since the checkpoint" in r.getMessage() for r in caplog.records)
     assert [r["step"] for r in read_metrics(out, "rl")] == [1, 2]

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from axpo_nemo.local.metrics_log import MetricsLogger
 from axpo_nemo.local.plots import (
     SUMMARY_METRICS,
     compare_runs,
@@ -23,6 +22,7 @@ from axpo_nemo.local.plots import (
     summary_markdown,
     summary_table,
 )
+from axpo_nemo.run.metrics_log import MetricsLogger
 
 
 def _records(n: int, axpo: bool = True, offset: float = 0.0) -> list[dict]:

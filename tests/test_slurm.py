@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from axpo_nemo.local.checkpoint import CheckpointManager
-from axpo_nemo.local.metrics_log import read_metrics
+from axpo_nemo.run.checkpoint import CheckpointManager
+from axpo_nemo.run.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "slurm"

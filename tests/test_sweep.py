@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from axpo_nemo.eval.passk import EvalReport
-from axpo_nemo.local.metrics_log import MetricsLogger
+from axpo_nemo.run.metrics_log import MetricsLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "tools" / "sweep.py"

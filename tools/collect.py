@@ -6,7 +6,7 @@ Usage::
     python tools/collect.py runs/axpo_8b-1234 runs/grpo_8b-1240 --keys algorithm,axpo.r
     python tools/collect.py runs/r_vs_n --out results.csv --md results.md --last 10
 
-A run folder is one that holds ``metrics.jsonl`` (the per-step log, axpo_nemo.local.metrics_log)
+A run folder is one that holds ``metrics.jsonl`` (the per-step log, axpo_nemo.run.metrics_log)
 or ``eval/report.json`` (`axpo eval`'s report); a folder given on the command line that is
 neither is searched for runs two levels down. Per run, one row:
 

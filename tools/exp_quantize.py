@@ -40,8 +40,9 @@ from axpo_nemo.eval.quantize import (
     load_dequantized,
     quantize_model,
 )
-from axpo_nemo.local.pipeline import Pipeline, bundle_from_run
+from axpo_nemo.local.pipeline import Pipeline
 from axpo_nemo.models import PolicyBundle
+from axpo_nemo.run.run_folder import bundle_from_run
 
 
 def _next_token_agreement(reference, model, batches) -> float:

@@ -279,8 +279,8 @@ def aggregate(
     run, reported under the table. Metrics a run did not log (GRPO has no resampling) are NaN
     and show as "n/a"; means and stds ignore NaN.
     """
-    from axpo_nemo.local.metrics_log import read_metrics
     from axpo_nemo.local.plots import plot_mean_band, plot_mean_bands, series
+    from axpo_nemo.run.metrics_log import read_metrics
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -521,7 +521,7 @@ def sft_done(run_dir: Path) -> bool:
 
 def rl_done(run_dir: Path, steps: int) -> bool:
     """The run's newest RL checkpoint has reached ``steps`` and its eval report exists."""
-    from axpo_nemo.local.checkpoint import CheckpointManager
+    from axpo_nemo.run.checkpoint import CheckpointManager
 
     ckpts = CheckpointManager(run_dir / "rl" / "checkpoints").checkpoints()
     return bool(ckpts) and ckpts[-1][0] >= steps and (run_dir / "eval" / "report.json").is_file()
@@ -694,7 +694,7 @@ def existing_outcome(spec: RunSpec, steps: int) -> Outcome:
         return Outcome(spec, "reused" if ok else "skipped", seconds, "" if ok else "no SFT model")
     if rl_done(spec.run_dir, steps):
         return Outcome(spec, "reused", seconds)
-    from axpo_nemo.local.metrics_log import read_metrics
+    from axpo_nemo.run.metrics_log import read_metrics
 
     n = len({r["step"] for r in read_metrics(spec.run_dir / "metrics.jsonl", phase="rl")})
     if not n:

@@ -1,7 +1,8 @@
 """Single-process backend: the HF transformers Qwen3-VL policy and its KV-cached sampler.
 
-Exports resolve lazily (on first use): importing a light module of this package, such as
-`axpo_nemo.local.rl_config` for the config schema, imports neither torch nor transformers.
+Exports resolve lazily (on first use), so importing the package imports neither torch nor
+transformers. Its config sections live in `axpo_nemo.config`, the run infrastructure it shares
+with the cluster backend (checkpoints, stop signals, metrics log) in `axpo_nemo.run`.
 """
 
 from __future__ import annotations

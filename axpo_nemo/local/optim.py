@@ -1,13 +1,11 @@
 """Optimizer, learning-rate schedule and state-snapshot helpers shared by the SFT and RL trainers.
 
-RNG capture/restore lives in `local.checkpoint` (it stores the states in checkpointable types).
+RNG capture/restore lives in `axpo_nemo.run.rng` (it stores the states in checkpointable types).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,7 +15,6 @@ __all__ = [
     "build_adamw",
     "clip_and_step",
     "clone_state",
-    "dataset_fingerprint",
 ]
 
 
@@ -142,10 +139,3 @@ def clone_state(obj: Any) -> Any:
     return obj
 
 
-def dataset_fingerprint(ids: Iterable[str]) -> str:
-    """A short hash of a dataset's ordered ids (a checkpoint's data position is only valid for it)."""
-    h = hashlib.sha256()
-    for i in ids:
-        h.update(str(i).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]

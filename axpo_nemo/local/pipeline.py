@@ -4,7 +4,7 @@ Every stage writes under ``output_dir`` and can be re-entered: SFT and RL contin
 newest valid checkpoint (``checkpoint.resume``); a finished SFT leaves ``sft/final.pt`` and is
 skipped, a finished RL stage is recognised by its newest checkpoint having reached ``rl.steps``,
 and the synthetic dataset is reused when its settings are unchanged. SIGTERM or SIGUSR1 finishes
-the step in flight, writes a checkpoint and exits with `EXIT_STOPPED`, so a launcher can requeue
+the step in flight, writes a checkpoint and exits with `axpo_nemo.run.stop.EXIT_STOPPED`, so a launcher can requeue
 the job and the next run picks up where this one stopped.
 
 Layout of ``output_dir``::
@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol
@@ -46,19 +45,19 @@ from axpo_nemo.data.shards import iter_samples
 from axpo_nemo.data.synth import synthesize
 from axpo_nemo.eval.export import export_hf
 from axpo_nemo.eval.passk import evaluate
-from axpo_nemo.local.checkpoint import CheckpointManager, GracefulStop, resolve_resume
 from axpo_nemo.local.generator import LocalGenerator
-from axpo_nemo.local.metrics_log import MetricsLogger, ProgressDisplay, read_metrics
 from axpo_nemo.local.plots import plot_run, summary_markdown, summary_table
-from axpo_nemo.local.resume_settings import SETTINGS_KEY, check_resumed_settings, flat_settings
 from axpo_nemo.local.rl import RLTrainer
 from axpo_nemo.local.sft import SFTTrainer
-from axpo_nemo.models import PolicyBundle, build_policy
+from axpo_nemo.models import build_policy
+from axpo_nemo.run.checkpoint import CheckpointManager, resolve_resume
+from axpo_nemo.run.metrics_log import MetricsLogger, ProgressDisplay, read_metrics
+from axpo_nemo.run.resume_settings import SETTINGS_KEY, check_resumed_settings, flat_settings
+from axpo_nemo.run.run_folder import save_config
+from axpo_nemo.run.stop import GracefulStop
 
 logger = logging.getLogger(__name__)
 
-#: Exit code after a stop signal: a checkpoint was written; run again to continue (EX_TEMPFAIL).
-EXIT_STOPPED = 75
 
 
 class Stopped(Exception):
@@ -310,14 +309,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_config(cfg_tree, output_dir: Path) -> Path:
-    """Write the resolved config next to the run's outputs."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "config.yaml"
-    path.write_text(OmegaConf.to_yaml(cfg_tree))
-    return path
-
-
 def run_train(cfg: Config, cfg_tree=None, *, plain: bool | None = None) -> RunResult:
     """Run the pipeline with signal handling and console progress; returns its result."""
     out = Path(cfg.output_dir)
@@ -338,22 +329,3 @@ def run_train(cfg: Config, cfg_tree=None, *, plain: bool | None = None) -> RunRe
     finally:
         root.removeHandler(handler)
         handler.close()
-
-
-def bundle_from_run(run_dir: str | Path, cfg: Config) -> PolicyBundle:
-    """The policy of a finished run: the model of its newest RL checkpoint, else its SFT model."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run folder")
-    bundle = build_policy(cfg.model, seed=cfg.seed)
-    folder = Path(cfg.checkpoint.dir) / "rl" if cfg.checkpoint.dir else run_dir / "rl" / "checkpoints"
-    loaded = CheckpointManager(folder, cfg.checkpoint.keep_last).load_latest(require_one=True)
-    if loaded is not None:
-        bundle.model.load_state_dict(loaded[1]["model"])
-    elif (run_dir / "sft" / "final.pt").exists():
-        bundle.model.load_state_dict(
-            torch.load(run_dir / "sft" / "final.pt", map_location="cpu", weights_only=True)
-        )
-    else:
-        raise FileNotFoundError(f"{run_dir}: no RL checkpoint and no sft/final.pt")
-    return bundle

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from rich.table import Table
 
-from axpo_nemo.local.metrics_log import read_metrics
+from axpo_nemo.run.metrics_log import read_metrics
 
 __all__ = [
     "COMPARE_METRICS",

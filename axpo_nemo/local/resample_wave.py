@@ -28,6 +28,7 @@ import torch
 
 from axpo_nemo.agent.groups import continuation_states
 from axpo_nemo.agent.trajectory import TrajectoryState
+from axpo_nemo.config.rl import LOSS_METRIC_NAMES
 from axpo_nemo.core import (
     ResamplePlan,
     RolloutBatch,
@@ -36,7 +37,6 @@ from axpo_nemo.core import (
     resample_budget,
     speculative_plan,
 )
-from axpo_nemo.local.rl_config import LOSS_METRIC_NAMES
 from axpo_nemo.local.speculation import SpeculativeWave
 
 __all__ = ["EarlyUpdate", "Prescored", "ResampleWaveMixin", "single_threaded"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from axpo_nemo.local.checkpoint import capture_rng_state, restore_rng_state
 from axpo_nemo.local.optim import clone_state
+from axpo_nemo.run.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 

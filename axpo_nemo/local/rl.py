@@ -47,6 +47,7 @@ from axpo_nemo.agent.rewards import RewardConfig
 from axpo_nemo.agent.scoring import score_trajectory
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
+from axpo_nemo.config.rl import LOSS_METRIC_NAMES, RLConfig
 from axpo_nemo.core import (
     AdvantageConfig,
     AXPOConfig,
@@ -60,17 +61,12 @@ from axpo_nemo.core import (
     step_metrics,
 )
 from axpo_nemo.data.schema import Sample
-from axpo_nemo.local.optim import (
-    WarmupCosineSchedule,
-    build_adamw,
-    clip_and_step,
-    dataset_fingerprint,
-)
+from axpo_nemo.local.optim import WarmupCosineSchedule, build_adamw, clip_and_step
 from axpo_nemo.local.policy import iter_logprobs, plan_micro_batches
 from axpo_nemo.local.resample_wave import EarlyUpdate, Prescored, ResampleWaveMixin, single_threaded
 from axpo_nemo.local.resumable import ResumableTrainer
-from axpo_nemo.local.rl_config import LOSS_METRIC_NAMES, RLConfig
 from axpo_nemo.local.speculation import SpeculativeWave
+from axpo_nemo.run.data_cursor import dataset_fingerprint
 
 __all__ = ["LOSS_METRIC_NAMES", "RLConfig", "RLTrainer", "StepRecord"]
 

@@ -24,9 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,129 +34,20 @@ import torch
 
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol
-from axpo_nemo.agent.replay import replay
+from axpo_nemo.agent.sft_examples import SFTExample, assistant_turns, tokenize_samples
 from axpo_nemo.agent.tools.base import Tool
-from axpo_nemo.agent.trajectory import TrajectoryState
+from axpo_nemo.config.sft import SFTConfig
 from axpo_nemo.data.schema import Sample
 from axpo_nemo.local.copy_warmup import copy_batch, copy_loss
-from axpo_nemo.local.optim import (
-    WarmupCosineSchedule,
-    build_adamw,
-    clip_and_step,
-    dataset_fingerprint,
-)
+from axpo_nemo.local.optim import WarmupCosineSchedule, build_adamw, clip_and_step
 from axpo_nemo.local.policy import iter_logprobs
 from axpo_nemo.local.resumable import ResumableTrainer
-from axpo_nemo.local.sft_config import SFTConfig
+from axpo_nemo.run.data_cursor import dataset_fingerprint
 
 __all__ = ["SFTConfig", "SFTExample", "SFTTrainer", "assistant_turns", "epoch_batches", "tokenize_samples"]
 
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SFTExample:
-    """One tokenized training sequence.
-
-    Attributes:
-        sample_id: the `Sample` it came from.
-        state: the replayed trajectory (tokens, images, generated mask).
-    """
-
-    sample_id: str
-    state: TrajectoryState
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The sequence's tokens."""
-        return self.state.token_ids
-
-    @property
-    def images(self):
-        """The sequence's image slots."""
-        return self.state.images
-
-    @property
-    def loss_mask(self) -> torch.Tensor:
-        """[len] bool: the tokens that carry loss — exactly the assistant-generated ones."""
-        return torch.tensor(self.state.generated, dtype=torch.bool)
-
-    def __len__(self) -> int:
-        return len(self.state.token_ids)
-
-
-def assistant_turns(sample: Sample, protocol: ChatProtocol) -> list[str]:
-    """The texts of ``sample.messages``' assistant turns, as the model generates them.
-
-    A turn that repeats the generation prompt's opening (``<think>\\n``) has it removed, since the
-    prompt already ends with it. List contents keep their text parts.
-    """
-    turns = []
-    for message in sample.messages:
-        if message.get("role") != "assistant":
-            continue
-        content = message.get("content", "")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        prefix = protocol.assistant_prefix
-        if prefix and content.startswith(prefix):
-            content = content[len(prefix) :]
-        turns.append(str(content))
-    return turns
-
-
-def tokenize_samples(
-    samples: Sequence[Sample],
-    data_root: str | Path,
-    tools: Mapping[str, Tool],
-    protocol: ChatProtocol,
-    loop_cfg: AgentLoopConfig,
-    max_tokens: int,
-    *,
-    declare_tools: bool = True,
-) -> tuple[list[SFTExample], Counter, list[tuple[str, str]]]:
-    """Replay every sample; returns (examples, skip counts by reason, (sample id, reason) list).
-
-    ``declare_tools`` False leaves the tool schemas (the system part) out of the prompts.
-
-    A sample is skipped when it has no assistant turn (``no_turns``), its replay raises
-    (``replay_error``), the replay does not end with a boxed answer (``no_answer``; e.g. the turn
-    or token limit cut it), or it is longer than ``max_tokens`` (``too_long``).
-    """
-    examples, skipped, reasons = [], Counter(), []
-    for sample in samples:
-        reason = None
-        turns = assistant_turns(sample, protocol)
-        if not turns:
-            reason = "no_turns"
-        else:
-            try:
-                images = sample.load_images(data_root)
-                enabled = {
-                    n: t for n, t in tools.items() if not sample.allowed_tools or n in sample.allowed_tools
-                }
-                state = replay(
-                    protocol, enabled, sample.question, images, turns, loop_cfg,
-                    declare_tools=declare_tools, question_id=sample.id,
-                )  # fmt: skip
-            except Exception as exc:
-                logger.warning("SFT sample %s: replay failed (%s: %s)", sample.id, type(exc).__name__, exc)
-                reason = "replay_error"
-            else:
-                if state.finish_reason != "answer" or state.num_turns != len(turns):
-                    reason = "no_answer"
-                elif len(state) > max_tokens:
-                    reason = "too_long"
-        if reason is None:
-            examples.append(SFTExample(sample.id, state))
-        else:
-            skipped[reason] += 1
-            reasons.append((sample.id, reason))
-    if skipped:
-        logger.warning(
-            "SFT: skipped %d of %d samples (%s)", sum(skipped.values()), len(samples), dict(skipped)
-        )
-    return examples, skipped, reasons
 
 
 def epoch_batches(

@@ -537,7 +537,7 @@ def export_any(
     )
 
     def local_bundle():
-        from axpo_nemo.local.pipeline import bundle_from_run
+        from axpo_nemo.run.run_folder import bundle_from_run
 
         if cfg is None:
             raise ValueError("export: a local run needs the project config (cfg)")

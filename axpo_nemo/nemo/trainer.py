@@ -60,7 +60,6 @@ from axpo_nemo.core import (
     step_metrics,
 )
 from axpo_nemo.data.schema import Sample
-from axpo_nemo.local.optim import dataset_fingerprint
 from axpo_nemo.nemo.rollout import (
     QuestionOrder,
     exclude_nonfinite_rows,
@@ -69,6 +68,7 @@ from axpo_nemo.nemo.rollout import (
     sanitize_behaviour_logprobs,
 )
 from axpo_nemo.nemo.train_data import build_train_data
+from axpo_nemo.run.data_cursor import dataset_fingerprint
 
 __all__ = ["NemoRLTrainer", "run_training"]
 
@@ -412,9 +412,6 @@ def run_training(cfg, cfg_tree=None) -> int:
     from axpo_nemo.agent.tools.registry import build_tools  # noqa: F401  (the pool builds them per actor)
     from axpo_nemo.data.schema import read_samples
     from axpo_nemo.eval.passk import evaluate
-    from axpo_nemo.local.checkpoint import GracefulStop
-    from axpo_nemo.local.metrics_log import MetricsLogger
-    from axpo_nemo.local.pipeline import EXIT_STOPPED, save_config
     from axpo_nemo.nemo import adapter
     from axpo_nemo.nemo.generator import NemoVllmEngine, VllmGenerator
     from axpo_nemo.nemo.loss import EXTRA_PG_KEYS, AXPOLossFn
@@ -424,6 +421,9 @@ def run_training(cfg, cfg_tree=None) -> int:
         train_global_batch_size,
     )
     from axpo_nemo.nemo.tool_pool import RayToolPool
+    from axpo_nemo.run.metrics_log import MetricsLogger
+    from axpo_nemo.run.run_folder import save_config
+    from axpo_nemo.run.stop import EXIT_STOPPED, GracefulStop
 
     grpo = adapter.grpo_module()
     out = Path(cfg.output_dir)

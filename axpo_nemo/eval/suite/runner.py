@@ -130,8 +130,8 @@ def local_engine(cfg: Any, run: str | None = None) -> tuple[Any, ChatProtocol, s
     """``(generator, protocol, model_id)`` for the local generator: a run folder's model, else
     ``model.name`` (``tiny`` or a Hugging Face folder)."""
     from axpo_nemo.local.generator import LocalGenerator
-    from axpo_nemo.local.pipeline import bundle_from_run
     from axpo_nemo.models import build_policy
+    from axpo_nemo.run.run_folder import bundle_from_run
 
     bundle = bundle_from_run(run, cfg) if run else build_policy(cfg.model, seed=cfg.seed)
     return LocalGenerator.from_bundle(bundle), ChatProtocol(bundle.processor), str(run or cfg.model.name)

@@ -1,4 +1,4 @@
-"""Crash-safe training checkpoints, resume, RNG capture and graceful stop on SLURM signals.
+"""Crash-safe training checkpoints and what a run resumes from.
 
 **Layout.** ``<dir>/step_000123/`` holds one ``<key>.pt`` file per top-level key of the saved
 state (``model.pt``, ``optimizer.pt``, ``rng.pt``, ...; each written with ``torch.save``) and a
@@ -24,7 +24,7 @@ marker. Folders without a valid marker are never deleted, only moved aside (``in
 
 **Pitfalls of peer frameworks this avoids** (shared/notes/peers_and_pitfalls.md, "Resume"):
 resuming at an epoch boundary skipping an epoch, and a changed dataset silently skipping samples
-(see :class:`DataCursor`); an older checkpoint resumed while newer ones exist (those are moved
+(see `axpo_nemo.run.data_cursor.DataCursor`); an older checkpoint resumed while newer ones exist (those are moved
 aside as ``superseded-…`` on the next save, so a later ``resume: auto`` cannot jump back to the
 abandoned timeline); optimizer and data state not saved (the trainer saves both).
 """
@@ -36,31 +36,17 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
-import signal
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from axpo_nemo.local.checkpoint_config import CheckpointConfig
+from axpo_nemo.config.checkpoint import CheckpointConfig
 
-__all__ = [
-    "CheckpointConfig",
-    "CheckpointError",
-    "CheckpointManager",
-    "DataCursor",
-    "GracefulStop",
-    "capture_rng_state",
-    "resolve_resume",
-    "restore_rng_state",
-]
+__all__ = ["CheckpointConfig", "CheckpointError", "CheckpointManager", "resolve_resume"]
 
 logger = logging.getLogger(__name__)
 
@@ -425,197 +411,3 @@ def resolve_resume(
             raise CheckpointError(f"{path}: checkpoint.resume names a folder with no valid checkpoint")
         return loaded
     raise CheckpointError(f"{path}: checkpoint.resume path does not exist")
-
-
-# -------------------------------------------------------------------- RNG state
-def capture_rng_state(generators: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The global Python, numpy and torch (CPU and CUDA) RNG states, in checkpointable types.
-
-    ``generators`` adds named private generators (``random.Random``, ``numpy.random.Generator``
-    or ``torch.Generator``). :func:`restore_rng_state` puts everything back exactly.
-    """
-    np_state = np.random.get_state(legacy=False)
-    out: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            **np_state,
-            "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]},
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    extra = {}
-    for name, gen in (generators or {}).items():
-        if isinstance(gen, random.Random):
-            extra[name] = gen.getstate()
-        elif isinstance(gen, np.random.Generator):
-            extra[name] = gen.bit_generator.state
-        elif isinstance(gen, torch.Generator):
-            extra[name] = gen.get_state()
-        else:
-            raise TypeError(
-                f"capture_rng_state: generator {name!r} has unsupported type {type(gen).__name__}"
-            )
-    if extra:
-        out["generators"] = extra
-    return out
-
-
-def restore_rng_state(state: dict[str, Any], generators: dict[str, Any] | None = None) -> None:
-    """Restore what :func:`capture_rng_state` captured (``generators``: the same named objects)."""
-    random.setstate(_as_tuple(state["python"]))
-    np_state = dict(state["numpy"])
-    np_state["state"] = {
-        "key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
-        "pos": int(np_state["state"]["pos"]),
-    }
-    np.random.set_state(np_state)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            logger.warning(
-                "not restoring CUDA RNG states: saved for %d devices, %d visible",
-                len(state["cuda"]),
-                torch.cuda.device_count(),
-            )
-    saved = state.get("generators", {})
-    for name, gen in (generators or {}).items():
-        if name not in saved:
-            raise KeyError(f"restore_rng_state: no saved state for generator {name!r}")
-        if isinstance(gen, random.Random):
-            gen.setstate(_as_tuple(saved[name]))
-        elif isinstance(gen, np.random.Generator):
-            gen.bit_generator.state = saved[name]
-        elif isinstance(gen, torch.Generator):
-            gen.set_state(saved[name])
-        else:
-            raise TypeError(
-                f"restore_rng_state: generator {name!r} has unsupported type {type(gen).__name__}"
-            )
-
-
-def _as_tuple(obj: Any) -> Any:
-    # random.setstate needs tuples; a state that went through JSON or a list-based path has lists.
-    return tuple(_as_tuple(x) for x in obj) if isinstance(obj, list | tuple) else obj
-
-
-# -------------------------------------------------------------------- data position
-@dataclass
-class DataCursor:
-    """Where the data stream is: epoch and examples consumed in it, checkpointed with the run.
-
-    ``advance`` normalises at the boundary (a finished epoch is stored as ``(epoch+1, 0)``,
-    never ``(epoch, size)``), so a checkpoint saved exactly at an epoch end resumes at the next
-    epoch's start instead of skipping it (verl#7401). ``load_state_dict`` compares a dataset
-    fingerprint: after a dataset change the stored offset means nothing, so the epoch restarts
-    at offset 0 with a WARNING instead of silently skipping samples (NeMo-RL#2519).
-    """
-
-    epoch: int = 0
-    offset: int = 0
-
-    def advance(self, n: int, epoch_size: int) -> None:
-        """Record ``n`` more consumed examples of an epoch of ``epoch_size``."""
-        if epoch_size < 1:
-            raise ValueError(f"DataCursor: epoch_size must be >= 1 (got {epoch_size})")
-        total = self.offset + n
-        self.epoch += total // epoch_size
-        self.offset = total % epoch_size
-
-    def state_dict(self, fingerprint: str = "", epoch_size: int | None = None) -> dict[str, Any]:
-        """Checkpointable state; ``fingerprint`` identifies the dataset (e.g. a hash of its ids)."""
-        return {
-            "epoch": self.epoch,
-            "offset": self.offset,
-            "fingerprint": fingerprint,
-            "epoch_size": epoch_size,
-        }
-
-    @classmethod
-    def from_state_dict(
-        cls, state: dict[str, Any], fingerprint: str = "", epoch_size: int | None = None
-    ) -> DataCursor:
-        """The cursor to continue from, given the current dataset's fingerprint and size."""
-        cursor = cls(int(state["epoch"]), int(state["offset"]))
-        changed = state.get("fingerprint", "") != fingerprint or (
-            epoch_size is not None and state.get("epoch_size") not in (None, epoch_size)
-        )
-        if changed:
-            logger.warning(
-                "the dataset changed since the checkpoint (fingerprint or size differs): restarting "
-                "epoch %d from its first example instead of skipping %d examples",
-                cursor.epoch,
-                cursor.offset,
-            )
-            cursor.offset = 0
-        elif epoch_size is not None and cursor.offset >= epoch_size:
-            cursor.advance(0, epoch_size)
-        return cursor
-
-
-# -------------------------------------------------------------------- signals
-class GracefulStop:
-    """Turn SIGTERM and SIGUSR1 into a stop request the training loop honours at a step boundary.
-
-    Protocol::
-
-        with GracefulStop() as stop:
-            for step in range(start, total):
-                train_step()
-                if cfg.due(step) or stop.requested:
-                    manager.save(step, state())
-                if stop.requested:
-                    log.info("stopping on %s after step %d", stop.signal_name, step)
-                    break
-        # exit normally: the next launch resumes with checkpoint.resume=auto
-
-    Inside the block the signals only set ``requested`` (and ``signal_name``, e.g. ``'SIGTERM'``,
-    the first one received); the step in flight finishes, a checkpoint is written, and the
-    process exits normally (with a status the launcher understands as "stopped, resumable"). A
-    repeated signal does not force an exit: SIGKILL does, and the previous checkpoint stays
-    loadable. On exit the previous handlers are restored. SIGINT is left alone (Ctrl-C still
-    interrupts).
-
-    SLURM: ``#SBATCH --signal=USR1@300`` sends SIGUSR1 to the job steps 300 s before the time
-    limit (with ``B:USR1@300`` only the batch shell gets it: launch with ``exec python ...``, or
-    forward it). On preemption or ``scancel`` SLURM sends SIGTERM and, after ``KillWait``
-    (30 s by default), SIGKILL: a step plus a save must fit, or the previous checkpoint is used.
-    Combine with ``--requeue`` to continue automatically.
-
-    Handlers can only be installed from the main thread; elsewhere a WARNING is logged and the
-    signals keep their old behaviour.
-    """
-
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)):
-        self.signals = signals
-        self.requested = False
-        self.signal_name: str | None = None
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        # Only set flags: logging here could re-enter a handler lock the main thread holds.
-        self.requested = True
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-
-    def request(self, reason: str = "request") -> None:
-        """Ask for a stop programmatically (as if a signal named ``reason`` arrived)."""
-        self.requested = True
-        if self.signal_name is None:
-            self.signal_name = reason
-
-    def __enter__(self) -> GracefulStop:
-        if threading.current_thread() is not threading.main_thread():
-            logger.warning("GracefulStop: not in the main thread; SIGTERM/SIGUSR1 handlers not installed")
-            return self
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()

@@ -26,11 +26,10 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from axpo_nemo.core.config import ValidatedConfig, setting
+from axpo_nemo.config.logs import LoggingConfig
 
 __all__ = [
     "DISPLAY_METRICS",
@@ -48,24 +47,6 @@ logger = logging.getLogger(__name__)
 PHASES = ("rl", "sft", "eval")
 METRICS_FILE = "metrics.jsonl"
 _RESERVED = ("step", "phase", "time")
-
-
-@dataclass
-class LoggingConfig(ValidatedConfig):
-    """Where metrics go besides ``<output_dir>/metrics.jsonl`` (always written)."""
-
-    tensorboard: bool = setting(
-        False, "Also write TensorBoard events to <output_dir>/tensorboard (needs: pip install tensorboard)."
-    )
-    wandb: bool = setting(False, "Also log to Weights & Biases (needs: pip install wandb).")
-    wandb_project: str = setting("axpo", "W&B project name.")
-    wandb_mode: str = setting(
-        "offline",
-        "W&B mode: 'offline' (files under <output_dir>/wandb; upload later with `wandb sync`), "
-        "'online' or 'disabled'.",
-        choices=("offline", "online", "disabled"),
-    )
-    console_every: int = setting(1, "Print a metrics line to the console every this many steps.", ge=1)
 
 
 def _require(module: str, key: str) -> Any:
@@ -437,7 +418,9 @@ class ProgressDisplay:
             return
         now = time.monotonic()
         final = info["total"] is not None and step >= info["total"]
-        due = step % self.console_every == 0 and (info["last"] is None or now - info["last"] >= self.min_interval_s)
+        due = step % self.console_every == 0 and (
+            info["last"] is None or now - info["last"] >= self.min_interval_s
+        )
         if final or due:
             self._plain_line(phase, text)
 
@@ -448,7 +431,9 @@ class ProgressDisplay:
         if info is None:
             return
         if self._progress is not None:
-            self._progress.update(info["task"], total=info["step"] if info["total"] is None else info["total"])
+            self._progress.update(
+                info["task"], total=info["step"] if info["total"] is None else info["total"]
+            )
         elif info["printed"] != info["step"]:
             self._plain_line(phase, "")
 
