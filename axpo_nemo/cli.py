@@ -128,8 +128,8 @@ def _protocol_for(model_name: str):
 def _tools_list(args: argparse.Namespace) -> int:
     import json
 
-    from axpo_nemo.agent.toolset import tool_schemas
     from axpo_nemo.config import load_config
+    from axpo_nemo.run.toolset import tool_schemas
 
     schemas, notes = tool_schemas(load_config(args.config, args.overrides))
     for schema in schemas:
@@ -144,8 +144,8 @@ def _tools_run(args: argparse.Namespace) -> int:
 
     from axpo_nemo.agent.loop import AgentLoopConfig
     from axpo_nemo.agent.tool_debug import run_tool_call, save_images
-    from axpo_nemo.agent.toolset import build_command_tools
     from axpo_nemo.config import load_config
+    from axpo_nemo.run.toolset import build_command_tools
 
     cfg = load_config(args.config, args.overrides)
     if args.name not in cfg.tools.enabled:
@@ -372,7 +372,8 @@ def _data_prune(args: argparse.Namespace) -> int:
 
 
 def _eval_suite(args: argparse.Namespace) -> int:
-    from axpo_nemo.eval.suite import EngineUnavailable, paper_table, run_suite_command
+    from axpo_nemo.engines import EngineUnavailable, run_suite_command
+    from axpo_nemo.eval.suite import paper_table
 
     if not args.data_dir:
         print("axpo: --suite needs --data-dir (a folder with one sub-folder per benchmark)", file=sys.stderr)
@@ -399,7 +400,8 @@ def _eval(args: argparse.Namespace) -> int:
         return _eval_suite(args)
 
     from axpo_nemo.agent.protocol import ChatProtocol
-    from axpo_nemo.data.schema import read_samples
+    from axpo_nemo.agent.sample import read_samples
+    from axpo_nemo.engines import local_generator
     from axpo_nemo.eval.passk import evaluate
     from axpo_nemo.local.pipeline import Pipeline
     from axpo_nemo.models import build_policy
@@ -414,7 +416,7 @@ def _eval(args: argparse.Namespace) -> int:
     pipeline = Pipeline(cfg)
     with pipeline._tools() as tools, _Progress("question") as progress:
         report = evaluate(
-            bundle, ChatProtocol(bundle.processor), tools, questions, questions_path.parent, cfg.eval,
+            local_generator(bundle), ChatProtocol(bundle.processor), tools, questions, questions_path.parent, cfg.eval,
             pipeline.loop_cfg, results_path=out / "results.jsonl", model_id=str(args.run or cfg.model.name),
             reward_cfg=cfg.reward, progress=lambda done, total: progress("eval", done, total),
         )  # fmt: skip
@@ -426,14 +428,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from axpo_nemo.eval.quantize import QuantizationUnavailable, QuantizeConfig
+    from axpo_nemo.export.quantize import QuantizationUnavailable, QuantizeConfig
     from axpo_nemo.nemo.adapter import NemoRLUnavailable
     from axpo_nemo.nemo.export_megatron import export_any
 
     cfg, _ = _load(args)
     quant, schemas = None, None
     if args.quantize:
-        from axpo_nemo.agent.toolset import tool_schemas
+        from axpo_nemo.run.toolset import tool_schemas
 
         extra = {"exclude": args.quant_exclude} if args.quant_exclude else {}
         quant = QuantizeConfig(

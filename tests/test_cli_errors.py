@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.cli import main
-from axpo_nemo.data.schema import Sample
 from axpo_nemo.data.shards import ShardConfig, ShardWriter
 
 

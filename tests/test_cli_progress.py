@@ -11,8 +11,8 @@ import sys
 
 from PIL import Image
 
+from axpo_nemo.agent.sample import Sample, write_samples
 from axpo_nemo.cli import main
-from axpo_nemo.data.schema import Sample, write_samples
 from axpo_nemo.data.shards import ShardConfig, ShardWriter
 
 

@@ -38,7 +38,7 @@ def test_loading_a_config_imports_neither_torch_nor_transformers():
     assert report["heavy"] == [], f"config loading imported {report['heavy']}"
 
 
-@pytest.mark.parametrize("package", ["axpo_nemo.core", "axpo_nemo.eval", "axpo_nemo.local"])
+@pytest.mark.parametrize("package", ["axpo_nemo.core", "axpo_nemo.eval", "axpo_nemo.export", "axpo_nemo.local"])
 def test_every_lazy_export_resolves(package):
     module = importlib.import_module(package)
     assert set(module.__all__) <= set(dir(module))
@@ -63,14 +63,16 @@ def test_lazy_exports_are_the_defining_modules_objects():
     assert EvalConfig(samples_per_question=2, ks=[2, 1]).ks == [1, 2]
 
 
-def test_configs_are_still_importable_from_their_old_modules():
+def test_config_sections_are_reexported_by_the_modules_that_use_them():
     from axpo_nemo.agent.tools import config as tools_config
     from axpo_nemo.agent.tools import registry, search, search_config
     from axpo_nemo.config import checkpoint as checkpoint_config
+    from axpo_nemo.config import evaluation as passk_config
     from axpo_nemo.config import rl as rl_config
     from axpo_nemo.config import sft as sft_config
-    from axpo_nemo.data import synth, synth_config
-    from axpo_nemo.eval import passk, passk_config
+    from axpo_nemo.config import synth as synth_config
+    from axpo_nemo.data import synth
+    from axpo_nemo.eval import passk
     from axpo_nemo.local import rl, sft
     from axpo_nemo.run import checkpoint
 

@@ -22,10 +22,10 @@ from PIL import Image
 from axpo_nemo.agent.loop import AgentLoopConfig, Continuation
 from axpo_nemo.agent.protocol import ChatProtocol, format_assistant_turn
 from axpo_nemo.agent.replay import ScriptedGenerator
+from axpo_nemo.agent.sample import Sample, read_samples, write_samples
 from axpo_nemo.agent.tools.registry import ToolsConfig, build_tools
 from axpo_nemo.agent.trajectory import derive_seed
 from axpo_nemo.core.metrics import pass_at_k
-from axpo_nemo.data.schema import Sample, read_samples, write_samples
 from axpo_nemo.eval import EvalConfig, EvalReport, ResultsMismatchError, evaluate, final_assistant_text
 from axpo_nemo.local import LocalGenerator
 from axpo_nemo.models import build_tiny_processor, build_tiny_qwen3vl, build_tiny_tokenizer

@@ -1,4 +1,4 @@
-"""Hugging Face export of local policies and checkpoints (axpo_nemo.eval.export).
+"""Hugging Face export of local policies and checkpoints (axpo_nemo.export.hf).
 
 Guarantees checked: the exported folder holds every file a Qwen3-VL checkpoint has (weights,
 configs, tokenizer, processor and video-processor configs, chat template in both forms); it loads
@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLProcessor
 
-from axpo_nemo.eval import export_checkpoint, export_from_state_dict, export_hf
+from axpo_nemo.export import export_checkpoint, export_from_state_dict, export_hf
 from axpo_nemo.models import build_tiny_qwen3vl, load_processor, load_qwen3vl
 
 EXPECTED_FILES = {

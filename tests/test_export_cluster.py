@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLProcessor
 
 from axpo_nemo.cli import main
-from axpo_nemo.eval.export import PROCESSOR_FILES, complete_hf_folder, export_hf
+from axpo_nemo.export.hf import PROCESSOR_FILES, complete_hf_folder, export_hf
 from axpo_nemo.models import build_tiny_qwen3vl, load_chat_template, load_processor
 from axpo_nemo.nemo import adapter
 from axpo_nemo.nemo.export_megatron import (

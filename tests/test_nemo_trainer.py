@@ -17,9 +17,9 @@ from PIL import Image
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import IM_END, ChatProtocol, format_assistant_turn
 from axpo_nemo.agent.rewards import RewardConfig
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.agent.tools.base import ToolResult
 from axpo_nemo.core import STEP_METRIC_NAMES, AdvantageConfig, AXPOConfig, LossConfig
-from axpo_nemo.data.schema import Sample
 from axpo_nemo.models import build_tiny_processor, build_tiny_tokenizer
 from axpo_nemo.nemo.generator import RawOutput, VllmGenerator
 from axpo_nemo.nemo.rollout import QuestionOrder, exclude_nonfinite_rows, reduce_train_metrics

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from axpo_nemo.agent.sample import Sample, write_samples
 from axpo_nemo.cli import main
 from axpo_nemo.data.prune import PruneConfig, prune_pool, read_results
-from axpo_nemo.data.schema import Sample, write_samples
 from axpo_nemo.data.sft_filter import SFTFilterReport, filter_sft, filter_trajectories
 from axpo_nemo.data.shards import ShardReader
 

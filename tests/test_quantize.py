@@ -1,4 +1,4 @@
-"""Quantized export with NVIDIA Model Optimizer (axpo_nemo.eval.quantize).
+"""Quantized export with NVIDIA Model Optimizer (axpo_nemo.export.quantize).
 
 Guarantees checked: calibration inputs are the RL questions rendered through the chat template
 with their images (image tokens match the image grid), a seeded subset when capped; exclude
@@ -25,7 +25,7 @@ pytest.importorskip(
 )
 
 from axpo_nemo.data.synth import SynthConfig, synthesize
-from axpo_nemo.eval.quantize import (
+from axpo_nemo.export.quantize import (
     DEFAULT_EXCLUDE,
     QUANT_FORMATS,
     QuantizationUnavailable,

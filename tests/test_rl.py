@@ -20,9 +20,9 @@ from PIL import Image
 
 from axpo_nemo.agent.loop import AgentLoopConfig, Continuation, SamplingParams
 from axpo_nemo.agent.protocol import ChatProtocol, format_assistant_turn
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.agent.tools.base import ToolResult
 from axpo_nemo.core import STEP_METRIC_NAMES, AdvantageConfig, AXPOConfig, LossConfig
-from axpo_nemo.data.schema import Sample
 from axpo_nemo.local import LocalGenerator
 from axpo_nemo.local.rl import LOSS_METRIC_NAMES, RLConfig, RLTrainer
 from axpo_nemo.models import build_tiny_qwen3vl

@@ -17,9 +17,9 @@ from PIL import Image
 
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol, format_assistant_turn
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.agent.tools.base import ToolResult
 from axpo_nemo.agent.tools.zoom import ImageZoomTool
-from axpo_nemo.data.schema import Sample
 from axpo_nemo.local.optim import WarmupCosineSchedule
 from axpo_nemo.local.sft import SFTConfig, SFTTrainer, epoch_batches
 from axpo_nemo.models import build_tiny_qwen3vl

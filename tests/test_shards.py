@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from axpo_nemo.data.schema import Sample, read_samples, write_samples
+from axpo_nemo.agent.sample import Sample, read_samples, write_samples
 from axpo_nemo.data.shards import (
     SampleSink,
     ShardConfig,

@@ -22,9 +22,9 @@ from axpo_nemo.agent.loop import AgentLoopConfig, Continuation
 from axpo_nemo.agent.protocol import ChatProtocol, format_assistant_turn
 from axpo_nemo.agent.tools.registry import ToolsConfig, build_tools
 from axpo_nemo.cli import main
+from axpo_nemo.engines import EngineUnavailable, vllm_engine
 from axpo_nemo.eval.passk import EvalConfig
-from axpo_nemo.eval.suite import EngineUnavailable, resolve_suite, run_suite
-from axpo_nemo.eval.suite.runner import vllm_engine
+from axpo_nemo.eval.suite import resolve_suite, run_suite
 from axpo_nemo.models import build_tiny_processor, build_tiny_tokenizer
 
 LOOP = AgentLoopConfig(max_turns=2, max_new_tokens=64, max_total_tokens=4096)

@@ -18,12 +18,12 @@ from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol, parse_turn
 from axpo_nemo.agent.replay import replay
 from axpo_nemo.agent.rewards import score_answer
+from axpo_nemo.agent.sample import read_samples
 from axpo_nemo.agent.sandbox import SandboxConfig
 from axpo_nemo.agent.tools.base import ToolContext
 from axpo_nemo.agent.tools.registry import ToolsConfig, build_tools
 from axpo_nemo.agent.tools.search import SearchConfig, SearchTool
 from axpo_nemo.agent.tools.zoom import ImageZoomTool
-from axpo_nemo.data.schema import read_samples
 from axpo_nemo.data.synth import (
     FAMILIES,
     NUMBER_WORDS,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from axpo_nemo.data.schema import Sample
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.data.shards import ShardConfig, ShardReader, ShardWriter
 
 

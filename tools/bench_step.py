@@ -51,11 +51,11 @@ import torch
 
 from axpo_nemo.agent.loop import AgentLoopConfig, Continuation, SamplingParams
 from axpo_nemo.agent.protocol import ChatProtocol, format_assistant_turn
+from axpo_nemo.agent.sample import read_samples
 from axpo_nemo.agent.tools.registry import ToolsConfig, build_tools
 from axpo_nemo.agent.tools.search import SearchConfig
 from axpo_nemo.agent.trajectory import derive_seed
 from axpo_nemo.core import AdvantageConfig, AXPOConfig, LossConfig
-from axpo_nemo.data.schema import read_samples
 from axpo_nemo.data.synth import SynthConfig, synthesize
 from axpo_nemo.local import LocalGenerator
 from axpo_nemo.local.rl import RLConfig, RLTrainer

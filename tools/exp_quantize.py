@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 
 from axpo_nemo.agent.protocol import ChatProtocol
+from axpo_nemo.agent.sample import read_samples
 from axpo_nemo.config import load_config
-from axpo_nemo.data.schema import read_samples
+from axpo_nemo.engines import local_generator
 from axpo_nemo.eval.passk import evaluate
-from axpo_nemo.eval.quantize import (
+from axpo_nemo.export.quantize import (
     QuantizeConfig,
     calibration_inputs,
     export_quantized,
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, bundle in variants.items():
                 start = time.perf_counter()
                 report = evaluate(
-                    bundle, ChatProtocol(bundle.processor), tools, questions, eval_file.parent, cfg.eval,
+                    local_generator(bundle), ChatProtocol(bundle.processor), tools, questions, eval_file.parent, cfg.eval,
                     pipeline.loop_cfg, reward_cfg=cfg.reward,
                 )  # fmt: skip
                 overall = report.overall.as_dict()

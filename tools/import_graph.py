@@ -49,26 +49,55 @@ def package_graph() -> tuple[dict[str, set[str]], dict[tuple[str, str], set[str]
     return edges, why
 
 
-def cycles(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
-    """Pairs of packages that import each other (directly), sorted."""
-    return sorted((a, b) for a in edges for b in edges[a] if a < b and a in edges.get(b, ()))
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles: every strongly connected group of two or more packages, sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's algorithm; the graph has a dozen nodes
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in edges.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                top = stack.pop()
+                group.append(top)
+                if top == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(set(edges) | {d for targets in edges.values() for d in targets}):
+        if node not in index:
+            visit(node)
+    return sorted(found)
 
 
 def main() -> None:
     """Print the graph and the cycles."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modules", action="store_true", help="name the modules behind each cycle")
+    parser.add_argument("--modules", action="store_true", help="name the modules behind each cycle's edges")
     args = parser.parse_args()
     edges, why = package_graph()
     for pkg in sorted(edges):
         print(f"{pkg} -> {', '.join(sorted(edges[pkg]))}")
     found = cycles(edges)
     print(f"cycles: {len(found)}")
-    for a, b in found:
-        print(f"  {a} <-> {b}")
+    for group in found:
+        print(f"  {' <-> '.join(group)}")
         if args.modules:
-            print(f"    {a} -> {b}: {', '.join(sorted(why[(a, b)]))}")
-            print(f"    {b} -> {a}: {', '.join(sorted(why[(b, a)]))}")
+            for a in group:
+                for b in group:
+                    if b in edges.get(a, ()):
+                        print(f"    {a} -> {b}: {', '.join(sorted(why[(a, b)]))}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig, RewardResult, score_answer
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.agent.trajectory import TrajectoryState
-from axpo_nemo.data.schema import Sample
 
 __all__ = ["final_assistant_text", "score_trajectory"]
 

@@ -15,9 +15,9 @@ import torch
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.replay import replay
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState
-from axpo_nemo.data.schema import Sample
 
 __all__ = ["SFTExample", "assistant_turns", "tokenize_samples"]
 

@@ -14,12 +14,12 @@ from axpo_nemo.agent.tools.base import MAX_OBSERVATION_CHARS
 from axpo_nemo.agent.tools.config import ToolsConfig
 from axpo_nemo.config.checkpoint import CheckpointConfig
 from axpo_nemo.config.cluster import ClusterConfig, NemoConfig
+from axpo_nemo.config.evaluation import EvalConfig
 from axpo_nemo.config.logs import LoggingConfig
 from axpo_nemo.config.rl import RLConfig
 from axpo_nemo.config.sft import SFTConfig
+from axpo_nemo.config.synth import SynthConfig
 from axpo_nemo.core.config import AdvantageConfig, AXPOConfig, LossConfig, setting
-from axpo_nemo.data.synth_config import SynthConfig
-from axpo_nemo.eval.passk_config import EvalConfig
 
 
 @dataclass

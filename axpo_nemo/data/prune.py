@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from axpo_nemo.core.config import ValidatedConfig, setting
+from axpo_nemo.data.results_file import read_results_file
 from axpo_nemo.data.shards import SampleSink, ShardConfig, iter_samples
-from axpo_nemo.eval.passk import read_results_file
 from axpo_nemo.run.atomic import atomic_output_dir
 
 __all__ = ["PruneConfig", "PruneReport", "prune_pool", "read_results"]

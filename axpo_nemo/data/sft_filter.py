@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from axpo_nemo.agent.rewards import RewardConfig, score_answer
-from axpo_nemo.data.schema import Sample
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.data.shards import SampleSink, ShardConfig, iter_samples
 from axpo_nemo.run.atomic import atomic_output_dir
 

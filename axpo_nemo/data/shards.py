@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from axpo_nemo.agent.sample import Sample, decode_image, read_samples
 from axpo_nemo.core.config import ValidatedConfig, setting
-from axpo_nemo.data.schema import Sample, decode_image, read_samples
 
 __all__ = [
     "INDEX_NAME",

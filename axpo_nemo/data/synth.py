@@ -60,9 +60,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from axpo_nemo.agent.protocol import format_assistant_turn
+from axpo_nemo.agent.sample import Sample, write_samples
 from axpo_nemo.agent.tools.search import STOPWORDS, BM25Backend, Passage, split_title
-from axpo_nemo.data.schema import Sample, write_samples
-from axpo_nemo.data.synth_config import FAMILIES, FamilySpec, FamilyWeights, SynthConfig
+from axpo_nemo.config.synth import FAMILIES, FamilySpec, FamilyWeights, SynthConfig
 
 __all__ = [
     "FAMILIES",

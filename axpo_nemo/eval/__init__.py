@@ -1,7 +1,7 @@
-"""Evaluation and export: Pass@k with tool metrics over question files, Hugging Face export.
+"""Evaluation: Pass@k with tool metrics over question files, and the benchmark suite (`suite`).
 
-Exports resolve lazily (on first use): importing `axpo_nemo.eval.passk_config` alone, as the
-config schema does, imports neither torch nor transformers.
+Exports resolve lazily (on first use): importing the package imports neither torch nor
+transformers. Its config section (`EvalConfig`) lives in `axpo_nemo.config.evaluation`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from axpo_nemo.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from axpo_nemo.eval.export import export_checkpoint, export_from_state_dict, export_hf
     from axpo_nemo.eval.passk import (
         EvalConfig,
         EvalReport,
@@ -27,9 +26,6 @@ __all__ = [
     "GroupMetrics",
     "ResultsMismatchError",
     "evaluate",
-    "export_checkpoint",
-    "export_from_state_dict",
-    "export_hf",
     "final_assistant_text",
 ]
 
@@ -41,9 +37,6 @@ _HOME = {
     "ResultsMismatchError": "passk",
     "evaluate": "passk",
     "final_assistant_text": "passk",
-    "export_checkpoint": "export",
-    "export_from_state_dict": "export",
-    "export_hf": "export",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _HOME)

@@ -46,12 +46,13 @@ import numpy as np
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig, score_answer
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.agent.scoring import final_assistant_text
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
+from axpo_nemo.config.evaluation import EvalConfig
 from axpo_nemo.core.metrics import pass_at_k
-from axpo_nemo.data.schema import Sample
-from axpo_nemo.eval.passk_config import EvalConfig
+from axpo_nemo.data.results_file import read_results_file
 
 __all__ = [
     "EvalConfig",
@@ -292,25 +293,6 @@ def _fingerprint_config(
     }
 
 
-def read_results_file(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(header, question records) of a ``results.jsonl``; unreadable lines (a torn tail) are skipped."""
-    header, records = None, []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                logger.warning("%s:%d: skipped an unreadable line (interrupted write?)", path, number)
-                continue
-            if obj.get("type") == "header" and header is None:
-                header = obj
-            elif obj.get("type") == "question" and isinstance(obj.get("id"), str):
-                records.append(obj)
-    return header, records
-
-
 def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(old) | set(new)):
@@ -405,16 +387,8 @@ def _question_record(
     }
 
 
-def _as_generator(bundle_or_generator: Any) -> Generator:
-    if hasattr(bundle_or_generator, "generate"):
-        return bundle_or_generator
-    from axpo_nemo.local.generator import LocalGenerator
-
-    return LocalGenerator.from_bundle(bundle_or_generator)
-
-
 def evaluate(
-    bundle_or_generator: Any,
+    generator: Generator,
     protocol: ChatProtocol,
     tools: Sequence[Tool] | Mapping[str, Tool],
     questions: Sequence[Sample],
@@ -431,7 +405,7 @@ def evaluate(
     """Pass@k and tool metrics of a policy on ``questions`` (see the module docstring).
 
     Args:
-        bundle_or_generator: a `PolicyBundle` (sampled with a `LocalGenerator`) or any `Generator`.
+        generator: any `Generator` (the local backend's: `axpo_nemo.engines.local_generator(bundle)`).
         protocol: the chat protocol of the policy's processor.
         tools: the enabled tools (a `Toolbox`, a name → tool mapping or a list). A question with
             ``allowed_tools`` is shown (and may run) only those of them.
@@ -486,7 +460,6 @@ def evaluate(
 
     todo = [q for q in questions if q.id not in done]
     if todo:
-        generator = _as_generator(bundle_or_generator)
         root = Path(data_root)
 
         def tools_for(q: Sample) -> dict[str, Tool]:

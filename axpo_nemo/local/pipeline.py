@@ -36,15 +36,14 @@ import torch
 
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol
+from axpo_nemo.agent.sample import Sample, read_samples
 from axpo_nemo.agent.tools.registry import Toolbox
-from axpo_nemo.agent.toolset import build_command_tools, data_dir
 from axpo_nemo.config.loader import ConfigError
 from axpo_nemo.config.schema import Config
-from axpo_nemo.data.schema import Sample, read_samples
 from axpo_nemo.data.shards import iter_samples
 from axpo_nemo.data.synth import synthesize
-from axpo_nemo.eval.export import export_hf
 from axpo_nemo.eval.passk import evaluate
+from axpo_nemo.export.hf import export_hf
 from axpo_nemo.local.generator import LocalGenerator
 from axpo_nemo.local.plots import plot_run, summary_markdown, summary_table
 from axpo_nemo.local.rl import RLTrainer
@@ -55,6 +54,7 @@ from axpo_nemo.run.metrics_log import MetricsLogger, ProgressDisplay, read_metri
 from axpo_nemo.run.resume_settings import SETTINGS_KEY, check_resumed_settings, flat_settings
 from axpo_nemo.run.run_folder import save_config
 from axpo_nemo.run.stop import GracefulStop
+from axpo_nemo.run.toolset import build_command_tools, data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
         model_id = f"{self.out.resolve()}:{self._model_fingerprint()}"
         report = evaluate(
-            self.bundle, self.protocol, self.tools, questions, self.data_dir, self.cfg.eval, self.loop_cfg,
+            LocalGenerator.from_bundle(self.bundle), self.protocol, self.tools, questions, self.data_dir, self.cfg.eval, self.loop_cfg,
             results_path=out / "results.jsonl", model_id=model_id, reward_cfg=self.cfg.reward,
         )  # fmt: skip
         (out / "report.md").write_text(report.to_markdown())

@@ -44,6 +44,7 @@ from axpo_nemo.agent.groups import group_states, resample_states
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.agent.scoring import score_trajectory
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
@@ -60,7 +61,6 @@ from axpo_nemo.core import (
     policy_loss,
     step_metrics,
 )
-from axpo_nemo.data.schema import Sample
 from axpo_nemo.local.optim import WarmupCosineSchedule, build_adamw, clip_and_step
 from axpo_nemo.local.policy import iter_logprobs, plan_micro_batches
 from axpo_nemo.local.resample_wave import EarlyUpdate, Prescored, ResampleWaveMixin, single_threaded

@@ -34,10 +34,10 @@ import torch
 
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.agent.sft_examples import SFTExample, assistant_turns, tokenize_samples
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.config.sft import SFTConfig
-from axpo_nemo.data.schema import Sample
 from axpo_nemo.local.copy_warmup import copy_batch, copy_loss
 from axpo_nemo.local.optim import WarmupCosineSchedule, build_adamw, clip_and_step
 from axpo_nemo.local.policy import iter_logprobs

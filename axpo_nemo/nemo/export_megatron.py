@@ -27,12 +27,12 @@ processor and tokenizer) is then taken from, in order: ``processor_from``, the s
 ``policy/tokenizer`` (DTensor saves write the processor there; Megatron saves do not), the
 consolidated folder itself, and the base model named by ``policy.model_name`` (a local folder or
 a model in the Hugging Face cache). The chat template defaults to the project's, which the
-policy was trained with. `axpo_nemo.eval.export.complete_hf_folder` writes both and checks that
+policy was trained with. `axpo_nemo.export.hf.complete_hf_folder` writes both and checks that
 the folder loads. Output is written to a temporary folder and renamed into place.
 
 `export_any` is what ``axpo export`` runs: it detects the source (local run, NeMo-RL checkpoint,
 Hugging Face folder), exports it, and for ``--quantize`` converts at full precision first and
-hands the model to `axpo_nemo.eval.quantize`.
+hands the model to `axpo_nemo.export.quantize`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from axpo_nemo.eval.export import complete_hf_folder, resolve_chat_template
+from axpo_nemo.export.hf import complete_hf_folder, resolve_chat_template
 from axpo_nemo.nemo import adapter
 from axpo_nemo.run.atomic import atomic_output_dir
 
@@ -515,7 +515,7 @@ def export_any(
             and the default calibration file ``<run>/data/<data.rl_file>``).
         hf_model_name, processor_from, chat_template, strict: see `export_nemo_rl_checkpoint`.
         overwrite: replace an existing ``out_dir``.
-        quantize: a `axpo_nemo.eval.quantize.QuantizeConfig` for a quantized export, else None.
+        quantize: a `axpo_nemo.export.quantize.QuantizeConfig` for a quantized export, else None.
         calib_data: the question file (JSONL samples) to calibrate on; required for quantized
             exports of cluster checkpoints.
         tool_schemas: tool schemas declared in calibration prompts, as in rollouts.
@@ -523,7 +523,7 @@ def export_any(
     Returns:
         An `ExportResult`.
     """
-    from axpo_nemo.eval.export import export_hf
+    from axpo_nemo.export.hf import export_hf
 
     source = Path(source).expanduser()
     if source_format not in SOURCE_FORMATS:
@@ -560,7 +560,7 @@ def export_any(
     if quantize is None:
         return ExportResult(to_folder(out_dir, overwrite), kind)
 
-    from axpo_nemo.eval.quantize import (
+    from axpo_nemo.export.quantize import (
         calibration_inputs,
         check_quantization_available,
         export_quantized,

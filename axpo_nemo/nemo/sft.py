@@ -121,9 +121,9 @@ def run_sft(cfg, cfg_tree=None) -> int:
     """
     from axpo_nemo.agent.loop import AgentLoopConfig
     from axpo_nemo.agent.protocol import ChatProtocol
+    from axpo_nemo.agent.sample import read_samples
     from axpo_nemo.agent.sft_examples import tokenize_samples
     from axpo_nemo.agent.tools.registry import build_tools
-    from axpo_nemo.data.schema import read_samples
     from axpo_nemo.nemo import adapter
     from axpo_nemo.nemo.master_config import build_sft_master_config
     from axpo_nemo.run.run_folder import save_config

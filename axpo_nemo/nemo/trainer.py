@@ -47,6 +47,7 @@ from axpo_nemo.agent.groups import group_states, resample_states
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import VISION_END, VISION_START, ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.agent.scoring import score_trajectory
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
@@ -59,7 +60,6 @@ from axpo_nemo.core import (
     plan_resampling,
     step_metrics,
 )
-from axpo_nemo.data.schema import Sample
 from axpo_nemo.nemo.rollout import (
     QuestionOrder,
     exclude_nonfinite_rows,
@@ -409,8 +409,8 @@ def run_training(cfg, cfg_tree=None) -> int:
     Ray must already be initialised (`axpo_nemo.nemo.train` calls NeMo-RL's ``init_ray``).
     Returns 0, or `EXIT_STOPPED` after a stop signal (a checkpoint was written).
     """
+    from axpo_nemo.agent.sample import read_samples
     from axpo_nemo.agent.tools.registry import build_tools  # noqa: F401  (the pool builds them per actor)
-    from axpo_nemo.data.schema import read_samples
     from axpo_nemo.eval.passk import evaluate
     from axpo_nemo.nemo import adapter
     from axpo_nemo.nemo.generator import NemoVllmEngine, VllmGenerator

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.data.converters import fvqa, mmfinereason, pyvision_rl, virl39k
 from axpo_nemo.data.converters.common import BadRow, ConvertConfig, RowContext, read_rows
-from axpo_nemo.data.schema import Sample
 from axpo_nemo.data.shards import SampleSink
 from axpo_nemo.run.atomic import atomic_output_dir
 

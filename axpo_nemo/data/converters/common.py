@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from axpo_nemo.agent.rewards import extract_boxed
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.core.config import ValidatedConfig, setting
-from axpo_nemo.data.schema import Sample
 from axpo_nemo.data.shards import ShardConfig
 
 __all__ = [

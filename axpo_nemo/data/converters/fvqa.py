@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.data.converters.common import (
     BadRow,
     RowContext,
@@ -27,7 +28,6 @@ from axpo_nemo.data.converters.common import (
     image_bytes,
     strip_image_tags,
 )
-from axpo_nemo.data.schema import Sample
 
 SOURCE = "fvqa"
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.data.converters.common import (
     BadRow,
     RowContext,
@@ -33,7 +34,6 @@ from axpo_nemo.data.converters.common import (
     pass_rate_ok,
     strip_image_tags,
 )
-from axpo_nemo.data.schema import Sample
 
 SOURCE = "mmfinereason"
 RESPONSE_KEY = "qwen3vl_235b_thinking_response"

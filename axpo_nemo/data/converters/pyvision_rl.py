@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.data.converters.common import (
     BadRow,
     RowContext,
@@ -34,7 +35,6 @@ from axpo_nemo.data.converters.common import (
     infer_answer_type,
     strip_image_tags,
 )
-from axpo_nemo.data.schema import Sample
 
 SOURCE = "pyvision_rl"
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.data.converters.common import (
     BadRow,
     RowContext,
@@ -35,7 +36,6 @@ from axpo_nemo.data.converters.common import (
     pass_rate_ok,
     strip_image_tags,
 )
-from axpo_nemo.data.schema import Sample
 
 SOURCE = "virl39k"
 

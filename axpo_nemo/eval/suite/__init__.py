@@ -8,7 +8,7 @@ through the agent loop with resumable per-benchmark results; `report` writes the
 
 from axpo_nemo.eval.suite.registry import BENCHMARKS, GROUPS, Benchmark, resolve_suite
 from axpo_nemo.eval.suite.report import paper_table, write_suite_reports
-from axpo_nemo.eval.suite.runner import EngineUnavailable, collect_results, run_suite, run_suite_command
+from axpo_nemo.eval.suite.runner import collect_results, run_suite
 from axpo_nemo.eval.suite.scoring import BenchmarkScore, SuiteResult
 from axpo_nemo.eval.suite.tables import BenchmarkFormatError, ImageStore
 
@@ -18,13 +18,11 @@ __all__ = [
     "Benchmark",
     "BenchmarkFormatError",
     "BenchmarkScore",
-    "EngineUnavailable",
     "ImageStore",
     "SuiteResult",
     "collect_results",
     "paper_table",
     "resolve_suite",
     "run_suite",
-    "run_suite_command",
     "write_suite_reports",
 ]

@@ -8,7 +8,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from axpo_nemo.data.schema import Sample
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.eval.suite.prompts import build_question, clean_question
 from axpo_nemo.eval.suite.tables import (
     BenchmarkFormatError,

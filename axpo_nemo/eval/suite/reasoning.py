@@ -12,7 +12,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from axpo_nemo.data.schema import Sample
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.eval.suite.prompts import build_question
 from axpo_nemo.eval.suite.tables import (
     BenchmarkFormatError,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from axpo_nemo.data.schema import Sample
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.eval.suite import perception, reasoning, search
 from axpo_nemo.eval.suite.tables import ImageStore
 

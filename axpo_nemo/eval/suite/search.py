@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from axpo_nemo.data.schema import Sample
+from axpo_nemo.agent.sample import Sample
 from axpo_nemo.eval.suite.prompts import build_question
 from axpo_nemo.eval.suite.tables import (
     BenchmarkFormatError,

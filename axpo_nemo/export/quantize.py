@@ -58,9 +58,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from axpo_nemo.agent.sample import Sample, read_samples
 from axpo_nemo.core.config import ValidatedConfig, setting
-from axpo_nemo.data.schema import Sample, read_samples
-from axpo_nemo.eval.export import complete_hf_folder, resolve_chat_template
+from axpo_nemo.export.hf import complete_hf_folder, resolve_chat_template
 from axpo_nemo.models import PolicyBundle, load_processor
 from axpo_nemo.run.atomic import atomic_output_dir
 
