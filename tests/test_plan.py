@@ -11,17 +11,15 @@ import pytest
 
 from axpo_nemo.cli import main
 from axpo_nemo.config import ConfigError, load_config
-from axpo_nemo.nemo.plan import (
+from axpo_nemo.nemo.cluster_layout import (
     ARCHITECTURES,
-    GIB,
-    SIGNAL_MARGIN_S,
     Architecture,
     PlanError,
     architecture_from_hf_config,
-    checkpoint_timing,
-    plan,
     resolve_architecture,
 )
+from axpo_nemo.nemo.cluster_plan import plan
+from axpo_nemo.nemo.memory_estimate import GIB, SIGNAL_MARGIN_S, checkpoint_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = ROOT / "conf" / "cluster"

@@ -170,7 +170,8 @@ def check_points(config: str, points: list[Point]) -> list[str]:
             continue
         if cfg.backend != "nemo":
             continue
-        from axpo_nemo.nemo.plan import PlanError, plan
+        from axpo_nemo.nemo.cluster_layout import PlanError
+        from axpo_nemo.nemo.cluster_plan import plan
 
         try:
             report = plan(cfg, config)

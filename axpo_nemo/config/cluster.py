@@ -4,7 +4,7 @@ is laid out on them (`NemoConfig`: Megatron-Core training, colocated vLLM genera
 The local backend ignores both sections. Checks that only need one field's value (bounds, choices)
 live here and fail at load time; checks that need the model architecture or several sections at once
 (heads divisible by TP, world size, batch divisibility, memory) live in `axpo plan`
-(`axpo_nemo.nemo.plan`). `axpo_nemo.nemo.master_config` documents which NeMo-RL key each field sets.
+(`axpo_nemo.nemo.cluster_plan`). `axpo_nemo.nemo.master_config` documents which NeMo-RL key each field sets.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ BATCHING_MODES = ("none", "dynamic", "packing")
 VLLM_PRECISIONS = ("bfloat16", "fp8")
 #: Megatron-Core modules a dense model can recompute selectively (``recompute: selective``).
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
-#: Architectures `axpo plan` knows without reading a config.json (see `axpo_nemo.nemo.plan.ARCHITECTURES`).
+#: Architectures `axpo plan` knows without reading a config.json (see `axpo_nemo.nemo.cluster_plan.ARCHITECTURES`).
 ARCHITECTURE_NAMES = ("qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b", "qwen3-vl-32b")
 
 

@@ -1,7 +1,7 @@
 """``python -m axpo_nemo.nemo.train --config CONFIG [overrides]``: AXPO / GRPO on NeMo-RL.
 
 Loads our config tree (`axpo_nemo.config`; ``backend`` is forced to ``nemo``), checks the cluster
-layout with `axpo_nemo.nemo.plan` (a layout that cannot run stops here, before any GPU work),
+layout with `axpo_nemo.nemo.cluster_plan` (a layout that cannot run stops here, before any GPU work),
 starts or joins Ray through NeMo-RL's ``init_ray`` and runs `trainer.run_training`. Rerunning the
 same command resumes from the newest checkpoint.
 
@@ -20,8 +20,9 @@ __all__ = ["check_plan", "main", "run"]
 
 
 def check_plan(cfg, config_name: str) -> list[str]:
-    """Errors of `axpo_nemo.nemo.plan` for this config (empty when the layout can run)."""
-    from axpo_nemo.nemo.plan import PlanError, plan
+    """Errors of `axpo_nemo.nemo.cluster_plan` for this config (empty when the layout can run)."""
+    from axpo_nemo.nemo.cluster_layout import PlanError
+    from axpo_nemo.nemo.cluster_plan import plan
 
     try:
         report = plan(cfg, config_name)
