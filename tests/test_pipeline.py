@@ -405,21 +405,15 @@ def test_data_stage_alone_writes_only_the_dataset(tmp_path, one_thread):
     assert read_metrics(out) == []
 
 
-def test_rl_algorithm_must_follow_algorithm(tmp_path):
-    cfg = _config(tmp_path / "run", "rl.algorithm=grpo")
-    assert cfg.algorithm == "axpo" and cfg.rl.algorithm == "grpo"
-    with pytest.raises(ValueError, match=r"rl\.algorithm") as info:
-        Pipeline(cfg)
-    assert "'grpo'" in str(info.value) and "algorithm is 'axpo'" in str(info.value)
-    assert not (tmp_path / "run").exists()
-
-
-def test_cli_refuses_inconsistent_algorithm_cleanly(tmp_path, capsys):
+def test_the_algorithm_is_one_field(tmp_path, capsys):
+    """`algorithm` decides for every backend; the old `rl.algorithm` is an unknown key, named."""
     from axpo_nemo.cli import main
 
+    assert _config(tmp_path / "run", "algorithm=grpo").algorithm == "grpo"
     assert main(["train", f"output_dir={tmp_path / 'run'}", "rl.algorithm=grpo"]) == 2
     err = capsys.readouterr().err
-    assert "rl.algorithm" in err and "algorithm" in err and err.count("\n") == 1
+    assert "rl.algorithm" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_search_without_corpus_or_data_stage_names_the_key(tmp_path, one_thread):

@@ -92,12 +92,13 @@ def make(base, questions, *, every=1, reward_fn=None, bundle=None, axpo=None, lo
     reference = copy.deepcopy(base.model) if loss.kl_coef > 0 else None
     generator = ScriptedCalls(LocalGenerator.from_bundle(bundle), bundle.tokenizer, every)
     b = rl.pop("questions_per_step", 2)
+    algorithm = rl.pop("algorithm", "axpo")
     cfg = RLConfig(**{"steps": 5, "lr": 1e-3, "micro_batch_size": 3, **rl})
     loop = AgentLoopConfig(max_turns=2, max_new_tokens=16, max_total_tokens=1024, seed=3)
     return RLTrainer(
         bundle, reference, samples, root, {"image_zoom_in": SmallZoom()}, ChatProtocol(bundle.processor),
         generator, axpo or AXPOConfig(r=1.0, k=2), AdvantageConfig(), loss, cfg, loop,
-        questions_per_step=b, group_size=2, reward_fn=reward_fn,
+        questions_per_step=b, group_size=2, reward_fn=reward_fn, algorithm=algorithm,
     )  # fmt: skip
 
 

@@ -187,7 +187,6 @@ def _trainer(
         AdvantageConfig(),
         LossConfig(kl_coef=args.kl_coef),
         RLConfig(
-            algorithm=algorithm,
             steps=args.steps,
             lr=1e-4,
             micro_batch_size=args.micro_batch_size,
@@ -198,6 +197,7 @@ def _trainer(
         loop,
         questions_per_step=args.b,
         group_size=group_size,
+        algorithm=algorithm,
     )
 
 

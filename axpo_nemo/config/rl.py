@@ -13,11 +13,9 @@ __all__ = ["LOSS_METRIC_NAMES", "RLConfig"]
 
 @dataclass
 class RLConfig(ValidatedConfig):
-    """Settings of the local RL trainer (the algorithm's knobs live in AXPO/Advantage/LossConfig)."""
+    """Settings of the local RL trainer (the algorithm is the run-wide ``algorithm``; its knobs live
+    in AXPO/Advantage/LossConfig)."""
 
-    algorithm: str = setting(
-        "axpo", "'axpo' (GRPO + tool-call resampling) or 'grpo'.", choices=("axpo", "grpo")
-    )
     steps: int = setting(100, "RL steps.", ge=1)
     lr: float = setting(1e-6, "Peak learning rate (AdamW).", gt=0.0)
     warmup_steps: int = setting(0, "Linear warm-up steps.", ge=0)

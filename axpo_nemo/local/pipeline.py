@@ -38,7 +38,6 @@ from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.sample import Sample, read_samples
 from axpo_nemo.agent.tools.registry import Toolbox
-from axpo_nemo.config.loader import ConfigError
 from axpo_nemo.config.schema import Config
 from axpo_nemo.data.shards import iter_samples
 from axpo_nemo.data.synth import synthesize
@@ -95,14 +94,6 @@ class Pipeline:
         self.loop_cfg = AgentLoopConfig.from_rollout_config(
             cfg.rollout, tool_timeout_s=cfg.tools.timeout_s, tool_workers=cfg.tools.workers, seed=cfg.seed
         )
-        self._check_consistency()
-
-    def _check_consistency(self) -> None:
-        cfg = self.cfg
-        if cfg.rl.algorithm != cfg.algorithm:
-            raise ConfigError(
-                f"rl.algorithm is {cfg.rl.algorithm!r} but algorithm is {cfg.algorithm!r}: set algorithm (the trainer follows it)"
-            )
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -200,6 +191,7 @@ class Pipeline:
             self.protocol, LocalGenerator.from_bundle(self.bundle), self.cfg.axpo, self.cfg.advantage,
             self.cfg.loss, self.cfg.rl, self.loop_cfg, self.cfg.reward,
             questions_per_step=self.cfg.rollout.questions_per_step, group_size=self.cfg.rollout.group_size,
+            algorithm=self.cfg.algorithm,
         )  # fmt: skip
         manager = self._checkpoints("rl")
         self._resume("rl", trainer, manager)

@@ -49,6 +49,7 @@ from axpo_nemo.agent.scoring import score_trajectory
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
 from axpo_nemo.config.rl import LOSS_METRIC_NAMES, RLConfig
+from axpo_nemo.config.schema import ALGORITHMS
 from axpo_nemo.core import (
     AdvantageConfig,
     AXPOConfig,
@@ -114,6 +115,7 @@ class RLTrainer(ResampleWaveMixin, ResumableTrainer):
         reward_cfg: reward settings for `score_answer`.
         questions_per_step, group_size: B and N (the ``rollout`` section's).
         reward_fn: optional ``(state, sample) -> (reward, correct)`` replacing `score_answer`.
+        algorithm: ``axpo`` or ``grpo`` (the config's run-wide ``algorithm``).
     """
 
     data_name = "questions"
@@ -137,7 +139,10 @@ class RLTrainer(ResampleWaveMixin, ResumableTrainer):
         questions_per_step: int,
         group_size: int,
         reward_fn: RewardFn | None = None,
+        algorithm: str = "axpo",
     ) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"RLTrainer: algorithm must be one of {', '.join(ALGORITHMS)} (got {algorithm!r})")
         if not questions:
             raise ValueError("RLTrainer: no questions")
         if questions_per_step < 1 or group_size < 1:
@@ -160,6 +165,7 @@ class RLTrainer(ResampleWaveMixin, ResumableTrainer):
         self.generator = generator
         self.axpo_cfg, self.adv_cfg, self.loss_cfg = axpo_cfg, adv_cfg, loss_cfg
         self.cfg = rl_cfg
+        self.algorithm = algorithm
         self.questions_per_step, self.group_size = int(questions_per_step), int(group_size)
         self.loop_cfg = loop_cfg
         self.reward_cfg = reward_cfg or RewardConfig()
@@ -423,7 +429,7 @@ class RLTrainer(ResampleWaveMixin, ResumableTrainer):
         states = group_states(
             prompts, picks, [self.questions[q].id for q in picks], group_size=n, seed=cfg.seed, step=self.step_count
         )
-        axpo = cfg.algorithm == "axpo"
+        axpo = self.algorithm == "axpo"
         spec = None
         if axpo and cfg.speculative_resampling:
             spec = SpeculativeWave(self._run_loop, self._score_continuations)
@@ -581,6 +587,7 @@ class RLTrainer(ResampleWaveMixin, ResumableTrainer):
             **self.training_state(),
             "counters": dict(self.counters),
             "config": {
+                "algorithm": self.algorithm,
                 "rl": asdict(self.cfg),
                 "axpo": asdict(self.axpo_cfg),
                 "advantage": asdict(self.adv_cfg),
