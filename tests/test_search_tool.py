@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -113,6 +114,62 @@ def test_bm25_ties_keep_corpus_order(tmp_path):
     docs = [{"id": f"d{i}", "text": "identical text"} for i in range(5)]
     b = BM25Backend.from_jsonl(write_corpus(tmp_path / "c.jsonl", docs))
     assert [p.id for p in b.search("identical", 3)] == ["d0", "d1", "d2"]
+
+
+def okapi_scores(texts, query, k1, b):
+    """Okapi BM25 of each text for ``query``, from the formula (Lucene's non-negative idf)."""
+    docs = [tokenize(t) for t in texts]
+    n, avgdl = len(docs), sum(map(len, docs)) / len(docs)
+    out = []
+    for doc in docs:
+        score = 0.0
+        for term in set(tokenize(query)):
+            df = sum(term in d for d in docs)
+            tf = doc.count(term)
+            if tf:
+                idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+                score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(doc) / avgdl))
+        out.append(score)
+    return out
+
+
+@pytest.mark.parametrize(("k1", "b"), [(1.5, 0.75), (1.2, 0.3), (0.0, 1.0)])
+def test_bm25_scores_follow_the_okapi_formula(k1, b):
+    texts = [
+        "apple banana apple",
+        "apple cherry",
+        "banana cherry cherry date elderberry fig",
+        "grape",
+        "the apple of my eye",
+        "cherry cherry cherry cherry cherry",
+    ]
+    backend = BM25Backend((Passage("", t, 0.0, f"d{i}") for i, t in enumerate(texts)), k1=k1, b=b)
+    query = "Apple apple CHERRY, the cherry?"  # repeated words count once; "the" is a stopword
+    expected = okapi_scores(texts, query, k1, b)
+    assert backend.scores(query).tolist() == pytest.approx(expected, rel=1e-5)
+    ranked = sorted(range(len(texts)), key=lambda i: (-expected[i], i))
+    hits = backend.search(query, 4)
+    assert [p.id for p in hits] == [f"d{i}" for i in ranked[:4]]
+    assert [p.score for p in hits] == pytest.approx([expected[i] for i in ranked[:4]], rel=1e-5)
+    assert backend.scores("grape")[3] > 0 and backend.search("grape", 5)[0].id == "d3"
+
+
+def test_bm25_ties_at_the_cut_keep_corpus_order():
+    # 1,500 equal scores straddle the cut of a top 3: the first ones in the corpus must come back,
+    # after the one passage that scores higher (shorter, at the end of the corpus)
+    docs = [Passage("", "identical text", 0.0, f"d{i}") for i in range(1500)]
+    docs.append(Passage("", "identical", 0.0, "short"))
+    b = BM25Backend(docs)
+    assert [p.id for p in b.search("identical text", 3)] == ["d0", "d1", "d2"]
+    assert [p.id for p in b.search("identical", 3)] == ["short", "d0", "d1"]
+
+
+def test_bm25_corpus_without_terms():
+    assert BM25Backend([]).search("anything", 3) == []
+    assert len(BM25Backend([]).scores("anything")) == 0
+    only_stopwords = BM25Backend([Passage("", "the of and", 0.0, "x"), Passage("", "", 0.0, "y")])
+    assert only_stopwords.search("the", 3) == [] and only_stopwords.search("text", 3) == []
+    assert only_stopwords.scores("text").tolist() == [0.0, 0.0]
 
 
 def test_title_parsing(bm25):

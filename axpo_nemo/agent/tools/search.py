@@ -252,14 +252,27 @@ def truncate(text: str, limit: int) -> str:
 # --------------------------------------------------------------------------- BM25
 
 
+def _top_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the ``k`` highest positive ``scores``, best first, equal scores in row order."""
+    rows = np.flatnonzero(scores > 0)
+    s = scores[rows]
+    if rows.size > k:
+        kth = np.partition(s, rows.size - k)[rows.size - k]
+        keep = s >= kth  # the whole tie group at the cut, so that row order decides within it
+        rows, s = rows[keep], s[keep]
+    return rows[np.argsort(-s, kind="stable")[:k]]
+
+
 class BM25Backend:
     """Okapi BM25 over an in-memory inverted index of a JSONL corpus.
 
     Scores are ``Σ idf(t) · tf·(k1+1) / (tf + k1·(1 - b + b·dl/avgdl))`` over the query's
-    distinct terms, with the non-negative ``idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5))``.
-    Postings are stored term-major in numpy arrays (CSR layout); a query touches only its
-    terms' postings. Title and text are both indexed. Bad corpus lines are logged with their
-    line numbers and skipped (`skipped_lines`).
+    distinct terms, with the non-negative ``idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5))``
+    (Lucene's idf; the `bm25s` library's ``lucene`` method ranks the same, its scores lack the
+    constant factor ``k1 + 1``). Postings are stored term-major in numpy arrays (CSR layout),
+    each with its term's score in its passage, computed at build time; a query adds up its terms'
+    postings. Title and text are both indexed. Bad corpus lines are logged with their line
+    numbers and skipped (`skipped_lines`). docs/data.md compares this index with bm25s.
     """
 
     def __init__(self, passages: Iterable[Passage], k1: float = 1.5, b: float = 0.75) -> None:
@@ -287,19 +300,25 @@ class BM25Backend:
         self._post_docs = (np.frombuffer(doc_ids, dtype=np.int32) if doc_ids else np.zeros(0, np.int32))[
             order
         ]
-        self._post_tf = (np.frombuffer(tfs, dtype=np.float32) if tfs else np.zeros(0, np.float32))[order]
+        tf = (np.frombuffer(tfs, dtype=np.float32) if tfs else np.zeros(0, np.float32))[order]
         df = np.bincount(t, minlength=len(vocab)).astype(np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(df)])
-        self._idf = np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
-        self._doc_len = (
-            np.frombuffer(lengths, dtype=np.float32).copy() if lengths else np.zeros(0, np.float32)
-        )
-        avgdl = float(self._doc_len.mean()) if n else 0.0
-        self._len_norm = (
-            (self.k1 * (1.0 - self.b + self.b * self._doc_len / avgdl)).astype(np.float32)
+        idf = np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
+        doc_len = np.frombuffer(lengths, dtype=np.float32) if lengths else np.zeros(0, np.float32)
+        avgdl = float(doc_len.mean()) if n else 0.0
+        len_norm = (
+            (self.k1 * (1.0 - self.b + self.b * doc_len / avgdl)).astype(np.float32)
             if avgdl > 0
             else np.full(n, self.k1, np.float32)
         )
+        # idf · tf · (k1+1) / (tf + len_norm) per posting, in place (postings are term-major)
+        score = np.repeat(idf, df)
+        score *= tf
+        score *= np.float32(self.k1 + 1.0)
+        denom = len_norm[self._post_docs]
+        denom += tf
+        score /= denom
+        self._post_score = score
 
     @classmethod
     def from_jsonl(
@@ -340,13 +359,14 @@ class BM25Backend:
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every passage for ``query`` (float32, one per passage)."""
         out = np.zeros(len(self.passages), dtype=np.float32)
-        for term in set(tokenize(query)):
+        # distinct terms in query order: a repeated word counts once, and the float sums come out
+        # the same in every process (a set's order would follow the string hash seed)
+        for term in dict.fromkeys(tokenize(query)):
             tid = self.vocab.get(term)
             if tid is None:
                 continue
             lo, hi = self._offsets[tid], self._offsets[tid + 1]
-            docs, tf = self._post_docs[lo:hi], self._post_tf[lo:hi]
-            out[docs] += self._idf[tid] * tf * (self.k1 + 1.0) / (tf + self._len_norm[docs])
+            np.add.at(out, self._post_docs[lo:hi], self._post_score[lo:hi])
         return out
 
     def search(self, query: str, k: int) -> list[Passage]:
@@ -354,13 +374,6 @@ class BM25Backend:
         if k <= 0 or not self.passages:
             return []
         s = self.scores(query)
-        hits = np.flatnonzero(s > 0)
-        if hits.size == 0:
-            return []
-        if hits.size > k:
-            part = np.argpartition(-s[hits], k - 1)[:k]
-            hits = hits[part]
-        order = sorted(hits.tolist(), key=lambda d: (-float(s[d]), d))
         return [
             Passage(
                 title=self.passages[d].title,
@@ -368,7 +381,7 @@ class BM25Backend:
                 score=float(s[d]),
                 id=self.passages[d].id,
             )
-            for d in order
+            for d in _top_rows(s, k).tolist()
         ]
 
 
