@@ -345,7 +345,7 @@ def test_an_error_during_the_step_leaves_no_speculating_thread(base, questions):
 
 
 def test_early_gradients_are_dropped_when_their_advantages_changed(base, questions):
-    from axpo_nemo.local.resample_wave import EarlyUpdate
+    from axpo_nemo.local.resample_wave import EarlyUpdate, confirm_early
 
     trainer = make(base, questions, reward_fn=mixed_reward)
     trainer.step()
@@ -354,12 +354,12 @@ def test_early_gradients_are_dropped_when_their_advantages_changed(base, questio
     for p in trainer.model.parameters():
         p.grad = torch.ones_like(p)
     pre = EarlyUpdate([0, 1], [], 1, adv.advantages[:r0].clone(), adv.loss_mask[:r0].clone(), {})
-    assert trainer._confirm_early(pre, adv, {0, 1, 2, 3}) is pre  # unchanged: kept
+    assert confirm_early(pre, adv, {0, 1, 2, 3}, trainer.optimizer) is pre  # unchanged: kept
     assert all(p.grad is not None for p in trainer.model.parameters())
     changed = adv.advantages.clone()
     changed[1][adv.loss_mask[1]] += 0.5
     moved = type(adv)(changed, adv.loss_mask, adv.row_advantage, adv.prefix_reward, adv.prefix_advantage)
-    assert trainer._confirm_early(pre, moved, {0, 1, 2, 3}) is None  # changed: recomputed
+    assert confirm_early(pre, moved, {0, 1, 2, 3}, trainer.optimizer) is None  # changed: recomputed
     assert all(p.grad is None for p in trainer.model.parameters())
 
 

@@ -30,9 +30,10 @@ resumed from `RLTrainer.state_dict` reproduces the uninterrupted run's metrics e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from axpo_nemo.agent.groups import group_states, resample_states
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig
@@ -58,15 +58,13 @@ from axpo_nemo.core import (
     RolloutBatch,
     StepAdvantages,
     assemble_advantages,
-    plan_resampling,
     policy_loss,
-    step_metrics,
 )
 from axpo_nemo.local.optim import WarmupCosineSchedule, build_adamw, clip_and_step
 from axpo_nemo.local.policy import iter_logprobs, plan_micro_batches
-from axpo_nemo.local.resample_wave import EarlyUpdate, Prescored, ResampleWaveMixin, single_threaded
+from axpo_nemo.local.resample_wave import EarlyUpdate, ResampleWave, confirm_early, single_threaded
 from axpo_nemo.local.resumable import ResumableTrainer
-from axpo_nemo.local.speculation import SpeculativeWave
+from axpo_nemo.run.axpo_step import COUNTERS, StepSettings, build_prompts, run_step
 from axpo_nemo.run.data_cursor import dataset_fingerprint
 
 __all__ = ["LOSS_METRIC_NAMES", "RLConfig", "RLTrainer", "StepRecord"]
@@ -97,7 +95,7 @@ class StepRecord:
     row_mask: torch.Tensor
 
 
-class RLTrainer(ResampleWaveMixin, ResumableTrainer):
+class RLTrainer(ResumableTrainer):
     """AXPO / GRPO training of a local policy (see the module docstring for one step).
 
     Args:
@@ -179,14 +177,11 @@ class RLTrainer(ResampleWaveMixin, ResumableTrainer):
         self.step_count = 0
         self.epoch = 0
         self.position = 0
-        self.counters: dict[str, float] = {
-            "rollouts": 0,
-            "resampled_rollouts": 0,
-            "prefixes_selected": 0,
-            "triggered_groups": 0,
-            "nonfinite_rows": 0,
-            "skipped_updates": 0,
-        }
+        self.counters: dict[str, float] = {**dict.fromkeys(COUNTERS, 0), "skipped_updates": 0}
+        self.settings = StepSettings(
+            algorithm, axpo_cfg, adv_cfg, self.group_size, rl_cfg.seed, policy_bundle.tokenizer.pad_token_id or 0
+        )
+        self._wave: ResampleWave | None = None
         self.last: StepRecord | None = None
         self.last_early_micro_batches = 0  # of the last step (see `RLConfig.overlap_scoring`)
 
@@ -406,7 +401,7 @@ class RLTrainer(ResampleWaveMixin, ResumableTrainer):
     # -- the step ------------------------------------------------------------------------------
 
     def step(self) -> dict[str, float]:
-        """One RL step (module docstring); returns its metrics.
+        """One RL step (`run.axpo_step.run_step`, the module docstring); returns its metrics.
 
         Metrics: every name in `core.STEP_METRIC_NAMES`; the loss metrics (`LOSS_METRIC_NAMES`,
         averaged over optimizer steps) with ``grad_norm``, ``lr``, ``optimizer_steps`` (and
@@ -418,78 +413,47 @@ class RLTrainer(ResampleWaveMixin, ResumableTrainer):
         timings ``rollout_s``, ``resample_s``, ``logprob_s``, ``train_s``, ``step_s``; ``step``
         and ``epoch``.
         """
-        t_start = time.perf_counter()
-        cfg, n = self.cfg, self.group_size
         picks = self.draw_questions()
-        prompts = []
-        for q in picks:
-            sample = self.questions[q]
-            images = sample.load_images(self.data_root)
-            prompts.append(self.protocol.build_prompt(sample.question, images, self._tools_for(sample)))
-        states = group_states(
-            prompts, picks, [self.questions[q].id for q in picks], group_size=n, seed=cfg.seed, step=self.step_count
-        )
-        axpo = self.algorithm == "axpo"
-        spec = None
-        if axpo and cfg.speculative_resampling:
-            spec = SpeculativeWave(self._run_loop, self._score_continuations)
-        plan: ResamplePlan | None = None
-        speculated: dict[int, list[TrajectoryState]] = {}
-        early = None  # (old, ref) of the original rows, scored while the resample wave ran
-        pre: EarlyUpdate | None = None  # rows already backpropagated during the wave
-        prescored: list[Prescored] = []
+        prompts = build_prompts(self.questions, picks, self.protocol, self.data_root, self._tools_for)
+        _, metrics = run_step(self, self.questions, picks, prompts, self.settings, self.step_count, self.counters)
+        self.step_count += 1
+        metrics.update({"step": float(self.step_count), "epoch": float(self.epoch)})
+        return metrics
+
+    # -- the StepBackend protocol (run.axpo_step) ------------------------------------------------
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[ResampleWave]:
+        """This step's `ResampleWave` (speculation and overlap included), closed at the end."""
+        speculate = self.algorithm == "axpo" and self.cfg.speculative_resampling
+        self._wave = ResampleWave(self, speculate=speculate, plan_seed=self._plan_seed())
         try:
-            self._run_loop(states, self._speculate(spec, states, prompts) if spec is not None else None)
-            originals = self._rewarded(states)
-            t_rollout = time.perf_counter()
-            batch, all_states = originals, states
-            if spec is not None:
-                speculated = spec.forks
-            if axpo:
-                plan = plan_resampling(originals, self.axpo_cfg, seed=self._plan_seed())
-            hits = [src for src in plan.selected.tolist() if src in speculated] if plan is not None else []
-            if spec is not None and not hits:
-                spec.cancel()  # nothing it makes is used, so stopping it early changes nothing
-            if plan is not None and plan.num_selected:
-                extra = resample_states(
-                    plan, states, prompts, seed=cfg.seed, step=self.step_count, made=speculated
-                )
-                ran = {id(f) for fs in speculated.values() for f in fs}
-                leftovers = [f for f in extra if id(f) not in ran]
-
-                def wave() -> RolloutBatch:
-                    self._run_loop(leftovers)
-                    return self._rewarded(extra)
-
-                if spec is not None and hits:
-                    extra_batch = self._finish_speculation(
-                        spec, extra, leftovers, states, originals, plan, prescored
-                    )
-                elif cfg.overlap_scoring:
-                    extra_batch, early, pre = self._rollouts_while_scoring(wave, states, originals, plan)
-                else:
-                    extra_batch = wave()
-                batch = originals.concat(extra_batch)
-                all_states = states + extra
+            yield self._wave
         except BaseException:
-            if spec is not None:
-                spec.cancel()  # e.g. Ctrl-C: do not wait for the wave to finish its rollouts
+            self._wave.cancel()  # e.g. Ctrl-C: do not wait for the wave to finish its rollouts
             raise
         finally:
-            if spec is not None:
-                spec.close()
-        t_resample = time.perf_counter()
-        speculation_hits = len(hits)
+            self._wave.close()
 
-        adv = assemble_advantages(batch, plan, self.axpo_cfg, self.adv_cfg)
+    def row_mask(self, batch: RolloutBatch) -> None:
+        """Every row may train (non-finite logprobs are found, and dropped, in `update`)."""
+        return None
+
+    def update(
+        self, batch: RolloutBatch, plan: ResamplePlan | None, adv: StepAdvantages, all_states: list[TrajectoryState]
+    ) -> dict[str, float]:
+        """Old/reference logprobs (reusing what the wave scored), then `_update`; the update's metrics."""
+        t_start = time.perf_counter()
+        cfg, wave = self.cfg, self._wave
         rows = [i for i in range(batch.num_rows) if bool(adv.loss_mask[i].any())]
         skip: set[int] = set()
         if cfg.skip_zero_advantage and self.loss_cfg.kl_coef == 0:
             signal = ((adv.advantages != 0) & adv.loss_mask).any(dim=1)
             skip = {i for i in rows if not bool(signal[i])}
         batches = self._micro_batches([i for i in rows if i not in skip], all_states)
-        if early is not None:
-            prescored.append((list(range(originals.num_rows)), early[0], early[1]))
+        prescored = list(wave.prescored)
+        if wave.early is not None:
+            prescored.append((list(range(wave.num_originals)), wave.early[0], wave.early[1]))
         if not prescored:
             old, ref = self._score_pair(all_states, adv.loss_mask, batches)
         else:  # only the rows nobody scored yet
@@ -505,58 +469,36 @@ class RLTrainer(ResampleWaveMixin, ResumableTrainer):
         if ref is not None:
             finite &= torch.where(adv.loss_mask, ref, 0.0).isfinite().all(dim=1)
         nonfinite = int((~finite).sum())
-        if nonfinite:
+        if nonfinite:  # those rows leave the loss; their rewards still count in their groups
             adv = assemble_advantages(batch, plan, self.axpo_cfg, self.adv_cfg, row_mask=finite)
             rows = [i for i in rows if bool(finite[i])]
             batches = [[i for i in mb if bool(finite[i])] for mb in batches]
             batches = [mb for mb in batches if mb]
+        pre = wave.pre
         # Timing-dependent, so not a step metric: metrics must not depend on machine load.
         self.last_early_micro_batches = pre.done if pre is not None else 0
         if pre is not None:
-            pre = self._confirm_early(pre, adv, set(rows) - skip)
+            pre = confirm_early(pre, adv, set(rows) - skip, self.optimizer)
             if pre is not None:
                 done = set(pre.rows)
                 batches = self._micro_batches([i for i in rows if i not in skip and i not in done], all_states)
         t_logprob = time.perf_counter()
 
         lr = self.scheduler.apply()
-        loss_metrics = self._update(all_states, adv, old, ref, rows, batches, skip, pre)
+        metrics = self._update(all_states, adv, old, ref, rows, batches, skip, pre)
         self.scheduler.step()
         t_train = time.perf_counter()
-
         self.last = StepRecord(all_states, batch, plan, adv, old, finite)
-        metrics = step_metrics(batch, plan)
-        orig = batch.is_original
-        resampled = ~orig
-        metrics.update(loss_metrics)
-        self.step_count += 1
-        self.counters["rollouts"] += batch.num_rows
-        self.counters["resampled_rollouts"] += int(resampled.sum())
-        self.counters["prefixes_selected"] += metrics["prefixes_selected"]
-        self.counters["triggered_groups"] += metrics["triggered_groups"]
-        self.counters["nonfinite_rows"] += nonfinite
         metrics.update(
             {
-                "step": float(self.step_count),
-                "epoch": float(self.epoch),
                 "lr": lr,
-                "reward_mean": float(batch.reward[orig].mean()),
-                "resample_reward_mean": float(batch.reward[resampled].mean())
-                if resampled.any()
-                else math.nan,
-                "rows": float(batch.num_rows),
                 "loss_tokens": float(adv.loss_mask.sum()),
-                "total_tokens": float(batch.lengths.sum()),
-                "generated_tokens": float(batch.generated.sum()),
                 "nonfinite_rows": float(nonfinite),
                 "zero_advantage_rows": float(len(skip)),
-                "speculated_prefixes": float(len(speculated)),
-                "speculation_hits": float(speculation_hits),
-                "rollout_s": t_rollout - t_start,
-                "resample_s": t_resample - t_rollout,
-                "logprob_s": t_logprob - t_resample,
+                "speculated_prefixes": float(len(wave.speculated)),
+                "speculation_hits": float(len(wave.hits)),
+                "logprob_s": t_logprob - t_start,
                 "train_s": t_train - t_logprob,
-                "step_s": time.perf_counter() - t_start,
             }
         )
         return metrics

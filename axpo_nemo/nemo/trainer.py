@@ -33,32 +33,31 @@ orchestration is plain Python over duck-typed objects.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from axpo_nemo.agent.groups import group_states, resample_states
+from axpo_nemo.agent.groups import resample_states
 from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import VISION_END, VISION_START, ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig
 from axpo_nemo.agent.sample import Sample
 from axpo_nemo.agent.scoring import score_trajectory
 from axpo_nemo.agent.tools.base import Tool
-from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
+from axpo_nemo.agent.trajectory import TrajectoryState
 from axpo_nemo.core import (
     AdvantageConfig,
     AXPOConfig,
     LossConfig,
+    ResamplePlan,
     RolloutBatch,
-    assemble_advantages,
-    plan_resampling,
-    step_metrics,
+    StepAdvantages,
 )
 from axpo_nemo.nemo.rollout import (
     QuestionOrder,
@@ -68,6 +67,7 @@ from axpo_nemo.nemo.rollout import (
     sanitize_behaviour_logprobs,
 )
 from axpo_nemo.nemo.train_data import build_train_data
+from axpo_nemo.run.axpo_step import COUNTERS, StepSettings, build_prompts, run_step
 from axpo_nemo.run.data_cursor import dataset_fingerprint
 
 __all__ = ["NemoRLTrainer", "run_training"]
@@ -75,14 +75,26 @@ __all__ = ["NemoRLTrainer", "run_training"]
 logger = logging.getLogger(__name__)
 
 #: Counters carried across steps (and checkpoints).
-COUNTER_NAMES = (
-    "rollouts",
-    "resampled_rollouts",
-    "prefixes_selected",
-    "triggered_groups",
-    "invalid_logprob_rows",
-    "nonfinite_rows",
-)
+COUNTER_NAMES = (*COUNTERS, "invalid_logprob_rows")
+
+
+class _VllmGeneration:
+    """`NemoRLTrainer`'s `run.axpo_step.Generation`: the originals and the resample wave through vLLM."""
+
+    def __init__(self, trainer: NemoRLTrainer) -> None:
+        self.trainer = trainer
+
+    def originals(self, states: list[TrajectoryState], prompts: list[Any]) -> RolloutBatch:
+        """The originals, rolled out and rewarded."""
+        return self.trainer._rollouts(states)
+
+    def resample(
+        self, plan: ResamplePlan, states: list[TrajectoryState], prompts: list[Any], originals: RolloutBatch
+    ) -> tuple[list[TrajectoryState], RolloutBatch]:
+        """The selected prefixes' continuations (vLLM's prefix cache still holds their sources)."""
+        t = self.trainer
+        extra = resample_states(plan, states, prompts, seed=t.seed, step=t.step_count)
+        return extra, t._rollouts(extra)
 
 
 class NemoRLTrainer:
@@ -161,6 +173,9 @@ class NemoRLTrainer:
         self.fingerprint = dataset_fingerprint(q.id for q in self.questions)
         self.step_count = 0
         self.counters: dict[str, float] = dict.fromkeys(COUNTER_NAMES, 0)
+        self.settings = StepSettings(algorithm, axpo_cfg, adv_cfg, self.group_size, self.seed, self.pad_token_id)
+        self._valid = torch.zeros(0, dtype=torch.bool)
+        self._invalid_before = 0
         self.stale = True  # vLLM holds other weights than the policy until the first refit
         self.last: dict[str, Any] = {}
 
@@ -195,12 +210,14 @@ class NemoRLTrainer:
         finally:
             self.generation.finish_generation()
 
-    def _tools_for(self, sample: Sample) -> dict[str, Tool]:
+    def _tools_for(self, sample: Sample) -> list[Tool]:
         if not sample.allowed_tools:
-            return self.tools
-        return {name: t for name, t in self.tools.items() if name in sample.allowed_tools}
+            return list(self.tools.values())
+        return [t for name, t in self.tools.items() if name in sample.allowed_tools]
 
-    def _rollouts(self, states: list[TrajectoryState]) -> list:
+    def _rollouts(self, states: list[TrajectoryState]) -> RolloutBatch:
+        """Roll ``states`` out with vLLM, reward them; rows with unusable behaviour logprobs are
+        remembered (they keep their reward but carry no loss, see `row_mask`)."""
         run_rollouts(
             states, self.generator, self.tools, self.loop_cfg, protocol=self.protocol,
             allowed_tools=lambda s: self.questions[s.metadata["question"]].allowed_tools,
@@ -209,52 +226,49 @@ class NemoRLTrainer:
         for s in states:
             res = score_trajectory(s, self.questions[s.metadata["question"]], self.protocol, self.reward_cfg)
             out.append(s.to_rollout(reward=float(res.reward), correct=bool(res.correct)))
-        return out
+        batch = RolloutBatch.from_rollouts(out, pad_id=self.pad_token_id)
+        valid, batch.logprobs = sanitize_behaviour_logprobs(batch.generated, batch.logprobs)
+        self._valid = torch.cat([self._valid, valid])
+        return batch
 
     # -- the step ------------------------------------------------------------------------------
 
     def step(self) -> dict[str, float]:
-        """One RL step (module docstring); returns its metrics."""
-        t_start = time.perf_counter()
-        n = self.group_size
+        """One RL step (`run.axpo_step.run_step`, the module docstring); returns its metrics."""
         picks = self.order.draw(self.questions_per_step)
-        prompts = []
-        for q in picks:
-            sample = self.questions[q]
-            images = sample.load_images(self.data_root)
-            prompts.append(
-                self.protocol.build_prompt(sample.question, images, list(self._tools_for(sample).values()))
-            )
-        states = group_states(
-            prompts, picks, [self.questions[q].id for q in picks], group_size=n, seed=self.seed, step=self.step_count
+        prompts = build_prompts(self.questions, picks, self.protocol, self.data_root, self._tools_for)
+        record, metrics = run_step(self, self.questions, picks, prompts, self.settings, self.step_count, self.counters)
+        self.step_count += 1
+        metrics.update({"step": float(self.step_count), "epoch": float(self.order.epoch)})
+        self.last.update(
+            {"batch": record.batch, "plan": record.plan, "advantages": record.advantages, "states": record.states}
         )
-        invalid_before = getattr(getattr(self.generator, "stats", None), "invalid_logprob_samples", 0)
+        return metrics
+
+    # -- the StepBackend protocol (run.axpo_step) ----------------------------------------------
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[_VllmGeneration]:
+        """vLLM awake (refitted when stale) for the originals and the resample wave, then asleep:
+        the K forks of a prefix run while its source's prefix is still in vLLM's cache."""
+        self._valid = torch.zeros(0, dtype=torch.bool)
+        self._invalid_before = getattr(getattr(self.generator, "stats", None), "invalid_logprob_samples", 0)
         self.wake()
         try:
-            originals = RolloutBatch.from_rollouts(self._rollouts(states), pad_id=self.pad_token_id)
-            # Rows whose behaviour logprobs are unusable keep their reward but carry no loss.
-            valid, originals.logprobs = sanitize_behaviour_logprobs(originals.generated, originals.logprobs)
-            t_rollout = time.perf_counter()
-            plan, batch, all_states = None, originals, states
-            if self.algorithm == "axpo":
-                plan = plan_resampling(
-                    originals, self.axpo_cfg, seed=derive_seed("plan", self.seed, self.step_count)
-                )
-                if plan.num_selected:
-                    extra = resample_states(plan, states, prompts, seed=self.seed, step=self.step_count)
-                    resampled = RolloutBatch.from_rollouts(self._rollouts(extra), pad_id=self.pad_token_id)
-                    valid_extra, resampled.logprobs = sanitize_behaviour_logprobs(
-                        resampled.generated, resampled.logprobs
-                    )
-                    batch = originals.concat(resampled, pad_id=self.pad_token_id)
-                    valid = torch.cat([valid, valid_extra])
-                    all_states = states + extra
+            yield _VllmGeneration(self)
         finally:
             self.generation.finish_generation()
-        t_resample = time.perf_counter()
 
-        invalid_rows = int((~valid).sum())
-        adv = assemble_advantages(batch, plan, self.axpo_cfg, self.adv_cfg, row_mask=valid)
+    def row_mask(self, batch: RolloutBatch) -> torch.Tensor:
+        """Rows whose behaviour logprobs vLLM returned finite (the others carry no loss)."""
+        return self._valid
+
+    def update(
+        self, batch: RolloutBatch, plan: ResamplePlan | None, adv: StepAdvantages, all_states: list[TrajectoryState]
+    ) -> dict[str, float]:
+        """Train data, old/reference logprobs and ``policy.train`` with the AXPO loss; its metrics."""
+        t_start = time.perf_counter()
+        invalid_rows = int((~self._valid).sum())
         data = build_train_data(
             batch, adv.advantages, adv.loss_mask, row_images(all_states),
             global_batch_size=self.global_batch_size, pad_token_id=self.pad_token_id,
@@ -281,49 +295,23 @@ class NemoRLTrainer:
         results = self.policy.train(train_data, self.loss_fn)
         t_train = time.perf_counter()
 
-        self.step_count += 1
-        metrics = step_metrics(batch, plan)
-        metrics.update(reduce_train_metrics(results))
-        orig, resampled_rows = batch.is_original, ~batch.is_original
-        stats = getattr(self.generator, "stats", None)
-        self.counters["rollouts"] += batch.num_rows
-        self.counters["resampled_rollouts"] += int(resampled_rows.sum())
-        self.counters["prefixes_selected"] += metrics["prefixes_selected"]
-        self.counters["triggered_groups"] += metrics["triggered_groups"]
         self.counters["invalid_logprob_rows"] += invalid_rows
-        self.counters["nonfinite_rows"] += nonfinite
+        stats = getattr(self.generator, "stats", None)
+        metrics = reduce_train_metrics(results)
         metrics.update(
             {
-                "step": float(self.step_count),
-                "epoch": float(self.order.epoch),
-                "reward_mean": float(batch.reward[orig].mean()),
-                "resample_reward_mean": float(batch.reward[resampled_rows].mean())
-                if resampled_rows.any()
-                else math.nan,
-                "rows": float(batch.num_rows),
                 "pad_rows": float(data.num_pad_rows),
                 "loss_tokens": float(train_data["token_mask"].sum()),
-                "total_tokens": float(batch.lengths.sum()),
-                "generated_tokens": float(batch.generated.sum()),
                 "invalid_logprob_rows": float(invalid_rows),
                 "invalid_logprob_samples": float(
-                    (stats.invalid_logprob_samples if stats is not None else 0) - invalid_before
+                    (stats.invalid_logprob_samples if stats is not None else 0) - self._invalid_before
                 ),
                 "nonfinite_rows": float(nonfinite),
-                "rollout_s": t_rollout - t_start,
-                "resample_s": t_resample - t_rollout,
-                "logprob_s": t_logprob - t_resample,
+                "logprob_s": t_logprob - t_start,
                 "train_s": t_train - t_logprob,
-                "step_s": time.perf_counter() - t_start,
             }
         )
-        self.last = {
-            "batch": batch,
-            "plan": plan,
-            "advantages": adv,
-            "train_data": train_data,
-            "states": all_states,
-        }
+        self.last = {"train_data": train_data}
         return metrics
 
     # -- state ---------------------------------------------------------------------------------
