@@ -81,18 +81,24 @@ def kill_descendants() -> None:
         reap_all(timeout=0.2)
 
 
-def reap_all(timeout: float) -> None:
-    """Reap exited children until none is left (or ``timeout``)."""
-    end = time.monotonic() + timeout
+def reap_exited() -> tuple[list[int], bool]:
+    """Reap every child that has exited, without waiting: ``(their pids, whether children remain)``."""
+    reaped = []
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped, False
         if pid == 0:
-            if time.monotonic() > end:
-                return
-            time.sleep(0.001)
+            return reaped, True
+        reaped.append(pid)
+
+
+def reap_all(timeout: float) -> None:
+    """Reap exited children until none is left (or ``timeout``)."""
+    end = time.monotonic() + timeout
+    while reap_exited()[1] and time.monotonic() <= end:
+        time.sleep(0.001)
 
 
 def close_fds_except(keep: set[int]) -> None:

@@ -128,13 +128,7 @@ class Zygote:
 
     def reap(self) -> None:
         """Reap exited workers and orphans."""
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid in _process.reap_exited()[0]:
             self.workers.pop(pid, None)
 
     def kill_orphans(self) -> None:

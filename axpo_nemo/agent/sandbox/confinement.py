@@ -43,18 +43,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from axpo_nemo.agent.sandbox import _linux
+from axpo_nemo.agent.sandbox.config import DISABLEABLE
 
-MECHANISMS = (
-    "user_namespace",
-    "pid_namespace",
-    "net_namespace",
-    "mount_namespace",
-    "setuid",
-    "landlock",
-    "seccomp",
-    "rlimits",
-    "audit_guard",
-)
+#: Every isolation mechanism, in the order they are reported: the switchable ones
+#: (`SandboxConfig.disable`), then the resource limits and the audit guard, which are always on.
+MECHANISMS = (*DISABLEABLE, "rlimits", "audit_guard")
 CALL_MECHANISMS = ("setuid", "landlock", "seccomp")
 _NS_FLAG = {
     "user_namespace": _linux.CLONE_NEWUSER,
