@@ -15,9 +15,9 @@ from typing import Any
 
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol
+from axpo_nemo.eval.suite.benchmark_scores import SuiteResult
 from axpo_nemo.eval.suite.registry import resolve_suite
 from axpo_nemo.eval.suite.runner import default_label, run_suite
-from axpo_nemo.eval.suite.scoring import SuiteResult
 
 __all__ = ["ENGINES", "EngineUnavailable", "local_engine", "local_generator", "run_suite_command", "vllm_engine"]
 

@@ -47,9 +47,9 @@ from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig, score_answer
 from axpo_nemo.agent.sample import Sample
-from axpo_nemo.agent.scoring import final_assistant_text
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
+from axpo_nemo.agent.trajectory_reward import final_assistant_text
 from axpo_nemo.config.evaluation import EvalConfig
 from axpo_nemo.core.metrics import pass_at_k
 from axpo_nemo.data.results_file import read_results_file

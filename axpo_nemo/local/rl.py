@@ -45,9 +45,9 @@ from axpo_nemo.agent.loop import AgentLoopConfig, Generator, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig
 from axpo_nemo.agent.sample import Sample
-from axpo_nemo.agent.scoring import score_trajectory
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
+from axpo_nemo.agent.trajectory_reward import score_trajectory
 from axpo_nemo.config.rl import LOSS_METRIC_NAMES, RLConfig
 from axpo_nemo.config.schema import ALGORITHMS
 from axpo_nemo.core import (

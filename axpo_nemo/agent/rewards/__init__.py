@@ -18,12 +18,13 @@ thinking block followed by a boxed answer. `score_answer` never raises on model 
 
 The package is split by responsibility: `config` (settings, answer types, result),
 `extract` (answer extraction, format check), `normalize` (normalisation, short answers),
-`choice` (multiple choice), `math_check` (math-verify under a budget) and `scoring`
+`choice` (multiple choice), `math_check` (math-verify under a budget) and `answer_score`
 (`score_answer`).
 """
 
 from __future__ import annotations
 
+from axpo_nemo.agent.rewards.answer_score import score_answer
 from axpo_nemo.agent.rewards.choice import extract_choice
 from axpo_nemo.agent.rewards.config import (
     ANSWER_TYPES,
@@ -35,7 +36,6 @@ from axpo_nemo.agent.rewards.config import MATH_TIMEOUT_MODES as MATH_TIMEOUT_MO
 from axpo_nemo.agent.rewards.extract import check_format, extract_answer, extract_boxed, strip_thinking
 from axpo_nemo.agent.rewards.math_check import check_math
 from axpo_nemo.agent.rewards.normalize import clean_latex, normalize_answer, normalize_tokens
-from axpo_nemo.agent.rewards.scoring import score_answer
 
 __all__ = [
     "ANSWER_TYPES",

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from axpo_nemo.eval.passk import _json_safe
+from axpo_nemo.eval.suite.benchmark_scores import BenchmarkScore, SuiteResult
 from axpo_nemo.eval.suite.registry import BENCHMARKS, GROUPS
-from axpo_nemo.eval.suite.scoring import BenchmarkScore, SuiteResult
 
 #: File names written by `write_suite_reports`.
 REPORT_FILES = {"markdown": "suite.md", "csv": "suite.csv", "json": "suite.json"}

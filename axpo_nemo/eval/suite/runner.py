@@ -31,9 +31,9 @@ from axpo_nemo.agent.protocol import ChatProtocol
 from axpo_nemo.agent.rewards import RewardConfig
 from axpo_nemo.agent.tools.base import Tool
 from axpo_nemo.eval.passk import EvalConfig, _json_safe, evaluate
+from axpo_nemo.eval.suite.benchmark_scores import BenchmarkScore, SuiteResult
 from axpo_nemo.eval.suite.registry import Benchmark
 from axpo_nemo.eval.suite.report import write_suite_reports
-from axpo_nemo.eval.suite.scoring import BenchmarkScore, SuiteResult
 from axpo_nemo.eval.suite.tables import ImageStore
 
 logger = logging.getLogger(__name__)
