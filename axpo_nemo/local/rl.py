@@ -5,7 +5,7 @@ One `RLTrainer.step`:
 1. **Questions.** B questions in a seeded order (a fresh permutation each epoch, a pure function of
    ``(seed, epoch)``); the position is part of the trainer's state.
 2. **Rollouts.** N rollouts per question through `run_rollouts` (each its own seed, derived from
-   ``(seed, step, question, sample)``), rewarded with `agent.scoring.score_trajectory` (the final assistant turn).
+   ``(seed, step, question, sample)``), rewarded with `agent.trajectory_reward.score_trajectory` (the final assistant turn).
 3. **Resampling** (``algorithm: axpo``). `plan_resampling` picks the prefixes; each is forked K
    times at its first ``<tool_call>`` (`fork_at_tool_call`; the generator prefills the shared
    prefix once) — or, with ``prefix_fixing`` off, K fresh rollouts of the question — and the
