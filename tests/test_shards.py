@@ -145,6 +145,22 @@ def test_bad_image_is_rejected_before_anything_is_written(tmp_path):
     assert [s.id for s in ShardReader(tmp_path)] == ["a", "c"]
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_undecodable_image_names_file_byte_range_and_member(shard_dir, tmp_path, num_workers):
+    for tar in shard_dir.glob("*"):
+        (tmp_path / tar.name).write_bytes(tar.read_bytes())
+    shard = tmp_path / "shard-000001.tar"  # samples 4-7; sample 5 holds one PNG
+    data = bytearray(shard.read_bytes())
+    start, end = read_index(tmp_path)["shards"][1]["offsets"][1:3]
+    at = data.index(_png(5), start)
+    data[at : at + 8] = b"garbage!"  # the PNG signature: no longer an image
+    shard.write_bytes(bytes(data))
+    assert [s.id for s in ShardReader(tmp_path, decode="bytes")][5] == "q5"  # bytes: read as stored
+    pattern = rf"shard-000001\.tar \(bytes {start}-{end}\): sample 000000005: image 000000005\.0\.png cannot be decoded"
+    with pytest.raises(ValueError, match=pattern), ShardReader(tmp_path, num_workers=num_workers) as reader:
+        list(reader)
+
+
 def test_index_shards_rebuilds_the_writer_index(shard_dir, tmp_path):
     for tar in shard_dir.glob("*.tar"):
         (tmp_path / tar.name).write_bytes(tar.read_bytes())

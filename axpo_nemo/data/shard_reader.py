@@ -64,8 +64,13 @@ def _load_sample(path: str, start: int, end: int, decode: str) -> tuple[dict[str
             raise ValueError(f"{where}: sample {key}: image member {key}.{name} is missing")
         data = members[name]
         if decode == "pil":
-            with Image.open(io.BytesIO(data)) as img:
-                images.append(img.convert("RGB"))  # convert() loads (decodes) the pixels here
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    images.append(img.convert("RGB"))  # convert() loads (decodes) the pixels here
+            except Exception as exc:  # Pillow raises several types on garbage
+                raise ValueError(
+                    f"{where}: sample {key}: image {key}.{name} cannot be decoded ({exc})"
+                ) from None
         else:
             images.append(data)
     return record, images
