@@ -55,7 +55,8 @@ IGNORED = ("model.cpu_threads", "rl.steps", "sft.epochs", "tools.workers", "tool
 
 
 def flat_settings(cfg: Any) -> str:
-    """The config ``cfg`` (a dataclass tree) as a JSON object of dotted keys to plain values."""
+    """The settings of ``cfg`` (a dataclass tree) a resume compares, as a JSON object of dotted keys
+    to plain values (paths, logging, checkpointing and evaluation settings left out)."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -66,7 +67,10 @@ def flat_settings(cfg: Any) -> str:
             flat[prefix[:-1]] = list(value) if isinstance(value, tuple) else value
 
     walk("", dataclasses.asdict(cfg))
-    return json.dumps(flat, sort_keys=True, default=str)
+    # Only what a resume compares: no paths, so a run's checkpoints do not depend on its folder.
+    compared = tuple(p for prefixes in COMPARED.values() for p in prefixes)
+    kept = {k: v for k, v in flat.items() if _matches(k, compared) and not _matches(k, IGNORED)}
+    return json.dumps(kept, sort_keys=True, default=str)
 
 
 def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
