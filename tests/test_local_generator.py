@@ -2,12 +2,17 @@
 
 Guarantees checked: behaviour logprobs equal a fresh full forward's log_softmax(logits / T) (also
 after an image observation and under left padding), forks prefill their shared prefix once and
-sample exactly what from-scratch sampling samples, and the loop runs end to end on the model.
+sample exactly what from-scratch sampling samples, the loop runs end to end on the model, and
+cross-turn KV reuse (`local.kv_reuse`) samples the same tokens and logprobs as re-prefilling every
+turn, keeps no cache past a finished trajectory or a `run_rollouts` call, and none across threads,
+and a cache grown in place decodes what transformers' copy-per-step cache decodes.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,9 +22,12 @@ from PIL import Image
 from axpo_nemo.agent.loop import AgentLoopConfig, Continuation, Generator, SamplingParams, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol, ToolResponse, format_assistant_turn
 from axpo_nemo.agent.tools.base import ToolResult
+from axpo_nemo.agent.tools.zoom import ImageZoomTool
 from axpo_nemo.agent.trajectory import TrajectoryState, fork_at_tool_call, to_rollouts
 from axpo_nemo.core.rollout import RolloutBatch
 from axpo_nemo.local import LocalGenerator, mrope_positions
+from axpo_nemo.local import generator as generator_module
+from axpo_nemo.local.kv_reuse import CachedContext, GrowingLayer
 from axpo_nemo.models import build_tiny_qwen3vl
 
 
@@ -265,3 +273,219 @@ def test_a_sampled_image_pad_token_does_not_break_the_next_prefill():
     state.append_generated([pad, pad], [0.0, 0.0])
     (out,) = LocalGenerator.from_bundle(bundle).generate([state], SamplingParams(4, 1.0, 1.0, ("<|im_end|>",), 0))
     assert 1 <= len(out.token_ids) <= 4
+
+
+ZOOM_CALL = format_assistant_turn("Closer.", tool_calls=[("image_zoom_in", {"bbox_2d": [0, 0, 500, 500]})])
+
+
+class SampledThenZoom:
+    """The model samples each turn; a scripted ``image_zoom_in`` call is appended to some turns.
+
+    A state's turn t < 2 samples ``2 + seed % 4`` tokens (stop tokens off) and then calls the tool,
+    except turn 1 of a state whose seed is a multiple of 3, which samples with the loop's own
+    params, calls nothing and so ends the trajectory early. Turn 2 is always the loop's own. The
+    scripted call follows sampled tokens, so the next turn's cached prefix ends inside the turn.
+    ``calls`` records each inner call's work, the KV entries held right after it (trajectory
+    ids) and the call's trajectories (ids).
+    """
+
+    def __init__(self, inner: LocalGenerator, tokenizer):
+        self.inner = inner
+        self.ids = tokenizer(ZOOM_CALL, add_special_tokens=False)["input_ids"]
+        self.calls: list[tuple[object, list[int], list[int]]] = []
+
+    def rollout_session(self):
+        """The inner generator's session (its caches across turns)."""
+        return self.inner.rollout_session()
+
+    def generate(self, states, params):
+        """Sampled turns, with the scripted call appended where the class docstring says."""
+        params = [params] * len(states) if isinstance(params, SamplingParams) else list(params)
+        scripted = [s.num_turns == 0 or (s.num_turns == 1 and s.seed % 3 != 0) for s in states]
+        asked = [
+            replace(p, max_new_tokens=2 + s.seed % 4, stop_token_texts=(), ignore_eos=True) if call else p
+            for s, p, call in zip(states, params, scripted, strict=True)
+        ]
+        out = self.inner.generate(states, asked)
+        store = getattr(self.inner._tls, "turn_caches", None)
+        held = [] if store is None else [id(s) for s, _ in store._entries.values()]
+        self.calls.append((self.inner.last_call_stats, held, [id(s) for s in states]))
+        return [
+            Continuation(c.token_ids + self.ids, c.logprobs + [0.0] * len(self.ids), "stop", "</tool_call>")
+            if call
+            else c
+            for c, call in zip(out, scripted, strict=True)
+        ]
+
+
+def assert_same_rollouts(got_states, ref_states, ties: int = 1) -> None:
+    """Token for token the same rollouts with logprobs equal to 1e-4, but for float ties.
+
+    The tiny random model's next-token distribution is nearly uniform, so two tokens' probabilities
+    can differ by less than float rounding (1e-9): the sampler's descending sort may then order them
+    differently on two computations of the same logits and pick the other one. At most ``ties`` rows
+    may part ways, each at a sampled token whose logprob equals the reference's token's to 1e-4 (a
+    tie), after identical tokens and logprobs.
+    """
+    parted = 0
+    for got, ref in zip(got_states, ref_states, strict=True):
+        lp, ref_lp = torch.tensor(got.logprobs), torch.tensor(ref.logprobs)
+        if got.token_ids == ref.token_ids:
+            assert (got.finish_reason, len(got.images)) == (ref.finish_reason, len(ref.images))
+            torch.testing.assert_close(lp, ref_lp, atol=1e-4, rtol=0)
+            continue
+        parted += 1
+        j = next(i for i, (a, b) in enumerate(zip(got.token_ids, ref.token_ids, strict=False)) if a != b)
+        assert got.generated[j] and ref.generated[j] and got.logprobs[j] != 0.0
+        torch.testing.assert_close(lp[: j + 1], ref_lp[: j + 1], atol=1e-4, rtol=0)
+    assert parted <= ties
+
+
+def _zoom_rollouts(bundle, proto, reuse: bool, **generator_kwargs):
+    """Five 3-turn zoom rollouts of two questions (different lengths), then forks of two of them.
+
+    ``reuse=False`` is the generator as it was before cross-turn reuse: every turn re-prefills its
+    context and decoding copies the cache at every step.
+    """
+    if not reuse:
+        generator_kwargs["grow_cache_in_place"] = False
+    zoom = ImageZoomTool()
+    prompts = [
+        proto.build_prompt("What does the sign say?", [_image(120, 90, 1)], [zoom]),
+        proto.build_prompt("How many dots are in this much longer question?", [_image(96, 96, 2)], [zoom]),
+    ]
+    states = [TrajectoryState.from_prompt(prompts[i % 2], group=i % 2, seed=i, index=i) for i in range(5)]
+    gen = LocalGenerator.from_bundle(bundle, reuse_kv=reuse, **generator_kwargs)
+    cfg = AgentLoopConfig(max_turns=3, max_new_tokens=20, max_total_tokens=2048, temperature=0.8, seed=7)
+    wrapper = SampledThenZoom(gen, proto.tokenizer)
+    run_rollouts(states, wrapper, [zoom], cfg, protocol=proto)
+    forks = fork_at_tool_call(states[1], 3) + fork_at_tool_call(states[2], 2)
+    fork_wrapper = SampledThenZoom(gen, proto.tokenizer)
+    run_rollouts(forks, fork_wrapper, [zoom], cfg, protocol=proto)
+    return states, forks, wrapper.calls, fork_wrapper.calls, gen
+
+
+@pytest.mark.parametrize(
+    ("batching", "room"),
+    [({}, 512), ({"max_batch_size": 3, "prefill_batch_size": 2}, 2)],
+    ids=["one-batch", "chunked-small-room"],
+)
+def test_cross_turn_kv_reuse_matches_reprefill(bundle, proto, batching, room, monkeypatch):
+    monkeypatch.setattr(generator_module, "_ROOM", room)  # 2: the caches grow while decoding
+    states, forks, calls, fork_calls, _ = _zoom_rollouts(bundle, proto, reuse=True, **batching)
+    ref_states, ref_forks, ref_calls, _, _ = _zoom_rollouts(bundle, proto, reuse=False, **batching)
+    assert {s.finish_reason for s in states} == {"length"} and {s.num_turns for s in states} == {2, 3}
+    assert {len(s.images) for s in states} == {2, 3}  # zoomed images in the observations
+    assert_same_rollouts(states + forks, ref_states + ref_forks)
+    # turn 0 reuses nothing; later turns prefill only what follows each trajectory's cache
+    assert calls[0][0].reused_tokens == 0 and all(c[0].reused_tokens > 0 for c in calls[1:])
+    assert all(c[0].reused_tokens == 0 for c in ref_calls)
+    for (c, *_), (r, *_) in zip(calls[1:], ref_calls[1:], strict=True):
+        assert c.prefill_tokens + c.reused_tokens == r.prefill_tokens
+        assert c.prefill_tokens < r.prefill_tokens / 3
+    # the forks of one source share their prefix's prefill, then each reuses its own cache
+    first = fork_calls[0][0]
+    assert (first.prefill_sequences, first.shared_rows, first.reused_tokens) == (2, 3, 0)
+    assert all(c[0].reused_tokens > 0 for c in fork_calls[1:])
+    # the reused path's logprobs are the model's, after two image observations
+    s = next(s for s in states if s.num_turns == 3)
+    ref = full_forward_logprobs(bundle.model, s, temperature=0.8)
+    sampled = torch.tensor(s.generated) & (torch.tensor(s.logprobs) != 0)
+    torch.testing.assert_close(torch.tensor(s.logprobs)[sampled], ref[sampled], atol=1e-4, rtol=0)
+
+
+def test_turn_caches_live_no_longer_than_their_trajectory_or_rollout_call(bundle, proto):
+    states, forks, calls, fork_calls, gen = _zoom_rollouts(bundle, proto, reuse=True)
+    # after each call the store holds exactly that call's rows: finished trajectories were dropped
+    assert [len(held) for _, held, _ in calls] == [5, 5, 3]
+    assert all(sorted(held) == sorted(rows) for _, held, rows in calls + fork_calls)
+    assert getattr(gen._tls, "turn_caches", None) is None  # the session ended with run_rollouts
+    (outside,) = gen.generate([copy.deepcopy(states[0])], SamplingParams(max_new_tokens=2))
+    assert getattr(gen._tls, "turn_caches", None) is None and len(outside.token_ids) >= 1
+
+    # two threads roll out at once, each with its own session: the same as one after the other
+    results = {}
+
+    def run(name):
+        got, got_forks, *_ = _zoom_rollouts(bundle, proto, reuse=True)
+        results[name] = [s.token_ids for s in got + got_forks]
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["a"] == results["b"] == [s.token_ids for s in states + forks]
+
+
+def test_a_cached_prefix_stops_where_the_state_differs(bundle, proto, prompt):
+    state = state_with_image_observation(proto, prompt)
+    entry = CachedContext(
+        list(state.token_ids), CachedContext.slots_of(state), [torch.zeros(1, len(state), 1)], []
+    )
+    assert entry.usable_length(state) == len(state) - 1  # the last token is always fed again
+    edited = copy.deepcopy(state)
+    edited.token_ids[-5] += 1
+    assert entry.usable_length(edited) == len(state) - 5
+    obs = state.images[1]
+    assert entry.usable_length(state_with_image_observation(proto, prompt, seed=1)) == len(state) - 1
+    other = copy.deepcopy(state)  # same tokens, another image in the observation's slot
+    other.images[1] = replace(obs, image=proto.process_image(_image(80, 64, 8)))
+    assert entry.usable_length(other) == obs.start
+    short = CachedContext(state.token_ids[: obs.start + 3], entry.slots, [], [])
+    assert short.usable_length(state) == obs.start  # never ends inside an image
+
+    # an edited turn is prefilled from where it differs, and samples what a full prefill samples
+    params = SamplingParams(max_new_tokens=6, seed=4, ignore_eos=True, stop_token_texts=())
+    runs = {}
+    for reuse in (True, False):
+        gen = LocalGenerator.from_bundle(bundle, reuse_kv=reuse)
+        s = copy.deepcopy(state)
+        with gen.rollout_session():
+            (first,) = gen.generate([s], params)
+            other = 7 if first.token_ids[3] != 7 else 8  # a token the model did not sample
+            s.append_generated([*first.token_ids[:3], other], first.logprobs[:4])
+            (second,) = gen.generate([s], params)
+            runs[reuse] = (second, gen.last_call_stats)
+    assert runs[True][0].token_ids == runs[False][0].token_ids
+    torch.testing.assert_close(
+        torch.tensor(runs[True][0].logprobs), torch.tensor(runs[False][0].logprobs), atol=1e-4, rtol=0
+    )
+    assert runs[True][1].reused_tokens == len(state) + 3 and runs[True][1].prefill_tokens == 1
+
+
+def test_a_growing_layer_appends_in_place_and_grows_when_full():
+    keys, values = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    layer = GrowingLayer.holding(keys, values, room=2)
+    new = [(torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5)) for _ in range(2)]
+    storage = layer.keys.untyped_storage().data_ptr()
+    for k, v in new:
+        layer.update(k, v)
+    assert layer.keys.untyped_storage().data_ptr() == storage  # within its room: no copy
+    big = (torch.randn(3, 2, 3, 5), torch.randn(3, 2, 3, 5))
+    out_k, out_v = layer.update(*big)  # past its room: grows
+    want_k = torch.cat([keys, new[0][0], new[1][0], big[0]], dim=-2)
+    want_v = torch.cat([values, new[0][1], new[1][1], big[1]], dim=-2)
+    assert torch.equal(out_k, want_k) and torch.equal(out_v, want_v) and layer.get_seq_length() == 9
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, want_k[[2, 0]]) and torch.equal(layer.values, want_v[[2, 0]])
+    layer.update(torch.zeros(2, 2, 1, 5), torch.ones(2, 2, 1, 5))
+    assert torch.equal(layer.keys[:, :, :9], want_k[[2, 0]]) and layer.values[:, :, 9].eq(1).all()
+
+
+def test_a_cache_grown_in_place_decodes_like_the_copying_cache(bundle, proto, prompt, monkeypatch):
+    monkeypatch.setattr(generator_module, "_ROOM", 3)  # grow several times within the turn
+    states = [
+        state_with_image_observation(proto, prompt, seed=0),
+        TrajectoryState.from_prompt(prompt, seed=1),
+        TrajectoryState.from_prompt(proto.build_prompt("Hi", [], [EchoTool()]), seed=2),
+    ]
+    params = [
+        SamplingParams(max_new_tokens=m, seed=5, ignore_eos=True, stop_token_texts=()) for m in (12, 4, 9)
+    ]
+    grown = LocalGenerator.from_bundle(bundle).generate(states, params)
+    copied = LocalGenerator.from_bundle(bundle, grow_cache_in_place=False).generate(states, params)
+    assert [len(c.token_ids) for c in grown] == [12, 4, 9]  # rows leave the batch at different steps
+    for a, b in zip(grown, copied, strict=True):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)

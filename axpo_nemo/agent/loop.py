@@ -6,11 +6,15 @@ tool call of the batch concurrently (`ToolRunner`: per-call timeout; a tool that
 returns garbage becomes an error observation) and appends the observation tokens and images. A turn
 without a tool call ends its trajectory; so do the turn limit and the token budget.
 
-A backend implements only `Generator.generate(states, params) -> list[Continuation]`.
+A backend implements only `Generator.generate(states, params) -> list[Continuation]`. It may also
+offer ``rollout_session()``, a context manager that `run_rollouts` holds open around its rounds on
+the calling thread: state kept inside it (the local generator's per-trajectory KV caches) lives no
+longer than the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -392,10 +396,26 @@ def run_rollouts(
     def names_for(state: TrajectoryState) -> frozenset[str]:
         allowed = allowed_tools(state) if allowed_tools is not None else None
         return all_names & frozenset(allowed) if allowed else all_names
-    runner = ToolRunner(cfg.tool_workers, cfg.tool_timeout_s)
     for s in states:
         if not s.finished and len(s) >= cfg.max_total_tokens:
             s.finish("prompt_too_long" if len(s) == s.prompt_len else "max_total_tokens")
+    session = getattr(generator, "rollout_session", None)
+    with session() if callable(session) else contextlib.nullcontext():
+        _run_rounds(states, generator, registry, names_for, cfg, protocol, on_round_end)
+    return list(states)
+
+
+def _run_rounds(
+    states: Sequence[TrajectoryState],
+    generator: Generator,
+    registry: dict[str, Tool],
+    names_for: Callable[[TrajectoryState], frozenset[str]],
+    cfg: AgentLoopConfig,
+    protocol: ChatProtocol,
+    on_round_end: Callable[[int], None] | None,
+) -> None:
+    """`run_rollouts`' rounds, until no state is left unfinished."""
+    runner = ToolRunner(cfg.tool_workers, cfg.tool_timeout_s)
     for round_index in itertools.count():
         batch, params = [], []
         for s in states:
@@ -409,7 +429,7 @@ def run_rollouts(
             batch.append(s)
             params.append(cfg.sampling_params(budget))
         if not batch:
-            return list(states)
+            return
         continuations = generator.generate(batch, params)
         if len(continuations) != len(batch):
             raise RuntimeError(

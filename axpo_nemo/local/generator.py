@@ -15,7 +15,14 @@ One ``generate`` call samples one assistant turn for every given state:
    explicitly means the model's cached ``rope_deltas`` is neither read nor written.
 3. **Decode.** A plain loop over ``model(input_ids=[B,1], cache=cache, ...)``; each row
    stops on its stop tokens (kept in the output) or its ``max_new_tokens``; finished rows are
-   dropped from the batch and cache.
+   dropped from the batch and cache. The cache grows in place (`local.kv_reuse.GrowingLayer`)
+   instead of being copied at every step.
+4. **Cross-turn reuse.** Inside ``rollout_session()`` (`run_rollouts` opens one around its rounds)
+   a finished row's KV cache is kept (`local.kv_reuse`), and the trajectory's next turn prefills
+   only the tokens after it: the last sampled token and the tool observation, with its images. The
+   reused KV sits left-padded in front of the new tokens, which are left-padded too; the attention
+   mask skips both paddings. Rows with identical contexts still prefill their new tokens once.
+   ``reuse_kv=False`` re-prefills every context (same tokens, logprobs equal to float rounding).
 
 **Behaviour logprob.** The logprob returned for a sampled token is ``log_softmax(logits / T)`` at
 that token: the log-probability under the policy at temperature T, which is what a trainer
@@ -33,7 +40,8 @@ continuation does not depend on which other states share its batch, nor on prefi
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +51,12 @@ from axpo_nemo.agent.loop import Continuation, SamplingParams, WorkCounters, per
 from axpo_nemo.agent.protocol import ImageSlot
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
 from axpo_nemo.local.forward import CACHE_ARG, encode, kv_cache
+from axpo_nemo.local.kv_reuse import CachedContext, extract_row, grow_in_place, past_cache, turn_cache_session
 
 __all__ = ["GeneratorStats", "LocalGenerator", "mrope_positions", "sample_tokens"]
+
+#: Decode positions a batch's cache has room for at first; it grows by half when full.
+_ROOM = 512
 
 
 @dataclass
@@ -58,7 +70,8 @@ class GeneratorStats(WorkCounters):
         generate_calls: ``generate`` calls.
         prefill_calls: model forwards over contexts.
         prefill_sequences: distinct contexts prefilled.
-        prefill_tokens: tokens of those contexts (padding excluded).
+        prefill_tokens: tokens of those contexts run through the model (padding excluded).
+        reused_tokens: context tokens whose KV came from the trajectory's previous turn instead.
         shared_rows: rows that reused another row's prefill (their cache was expanded from it).
         decode_steps: single-token decode forwards.
         sampled_tokens: tokens returned.
@@ -68,6 +81,7 @@ class GeneratorStats(WorkCounters):
     prefill_calls: int = 0
     prefill_sequences: int = 0
     prefill_tokens: int = 0
+    reused_tokens: int = 0
     shared_rows: int = 0
     decode_steps: int = 0
     sampled_tokens: int = 0
@@ -136,6 +150,10 @@ class LocalGenerator:
         cpu_threads: intra-op threads while sampling on the CPU (restored afterwards); None keeps
             torch's setting. Decode-step matmuls are tiny, so extra threads only add OpenMP
             synchronisation, which costs 10-20x when another process holds a core.
+        reuse_kv: keep each trajectory's KV cache across the turns of a ``rollout_session`` (off:
+            every turn re-prefills its whole context).
+        grow_cache_in_place: decode into a cache with room to grow (off: transformers'
+            ``DynamicCache``, which copies the whole cache at every step; for benchmarks).
     """
 
     def __init__(
@@ -148,8 +166,12 @@ class LocalGenerator:
         max_batch_size: int | None = None,
         prefill_batch_size: int | None = None,
         cpu_threads: int | None = 1,
+        reuse_kv: bool = True,
+        grow_cache_in_place: bool = True,
     ) -> None:
         self.model = model
+        self.reuse_kv = reuse_kv
+        self.grow_cache_in_place = grow_cache_in_place
         self.cpu_threads = cpu_threads
         self.tokenizer = tokenizer
         self.merge_size = int(merge_size or model.config.vision_config.spatial_merge_size)
@@ -164,7 +186,7 @@ class LocalGenerator:
         self.eos_ids = frozenset(int(e) for e in eos)
         self.stats = GeneratorStats()
         self._stats_lock = threading.Lock()
-        self._tls = threading.local()  # this thread's counters of its current / last call
+        self._tls = threading.local()  # this thread's counters of its last call, and its turn caches
 
     @classmethod
     def from_bundle(cls, bundle, **kwargs) -> LocalGenerator:
@@ -176,6 +198,13 @@ class LocalGenerator:
     def last_call_stats(self) -> GeneratorStats:
         """The work of the calling thread's last ``generate`` call (threads may generate at once)."""
         return getattr(self._tls, "stats", None) or GeneratorStats()
+
+    @contextmanager
+    def rollout_session(self) -> Iterator[None]:
+        """Keep the calling thread's trajectories' KV caches across ``generate`` calls until the
+        block ends (module docstring, point 4); other threads are not affected."""
+        with turn_cache_session(self._tls, self.reuse_kv):
+            yield
 
     @property
     def device(self) -> torch.device:
@@ -205,6 +234,9 @@ class LocalGenerator:
         """Sample one turn for each state (see the module docstring); never mutates the states."""
         params = per_state_params(states, params)
         self._tls.stats = GeneratorStats(generate_calls=1)
+        store = getattr(self._tls, "turn_caches", None)
+        if store is not None:
+            store.drop_finished()
         out: list[Continuation | None] = [None] * len(states)
         groups: dict[tuple, list[int]] = {}
         for i, (s, p) in enumerate(zip(states, params, strict=True)):
@@ -234,13 +266,27 @@ class LocalGenerator:
                     setattr(self.stats, name, getattr(self.stats, name) + value)
         return out  # type: ignore[return-value]
 
-    def _prefill(self, contexts: list[TrajectoryState]):
-        """Left-padded forward over distinct contexts: (cache, last logits, mask, next rope pos)."""
+    def _prefill(
+        self,
+        contexts: list[TrajectoryState],
+        reused: list[tuple[CachedContext, int] | None],
+        room: int | None,
+    ):
+        """Left-padded forward over distinct contexts: (cache, last logits, mask, next rope pos).
+
+        ``reused[c]`` is ``(entry, n)`` when context c's first n tokens come from a cached entry
+        (only the rest is run); the cache then holds that KV left-padded to the widest one. With
+        ``room`` (decode positions) the cache's layers grow in place.
+        """
         dev = self.device
-        width = max(len(c) for c in contexts)
+        done = [held[1] if held is not None else 0 for held in reused]
+        past = max(done)
+        width = max(len(c) - n for c, n in zip(contexts, done, strict=True))
+        template = next((held[0] for held in reused if held is not None and held[1] > 0), None)
+        text_config = self.model.config.get_text_config()
         chunk = self.prefill_batch_size or len(contexts)
         caches, logits, rope_next = [], [], []
-        mask = torch.zeros(len(contexts), width, dtype=torch.long)
+        mask = torch.zeros(len(contexts), past + width, dtype=torch.long)
         for k in range(0, len(contexts), chunk):
             part = contexts[k : k + chunk]
             ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
@@ -248,18 +294,22 @@ class LocalGenerator:
             visual = torch.zeros(len(part), width, dtype=torch.bool)
             pixels, grids = [], []
             for r, c in enumerate(part):
-                n, pad = len(c), width - len(c)
-                ids[r, pad:] = torch.tensor(c.token_ids)
-                mask[k + r, pad:] = 1
-                pos[0, r, pad:] = torch.arange(n)
+                n0, n = done[k + r], len(c)
+                pad = width - (n - n0)
+                ids[r, pad:] = torch.tensor(c.token_ids[n0:])
+                mask[k + r, past - n0 : past] = 1
+                mask[k + r, past + pad :] = 1
+                pos[0, r, pad:] = torch.arange(n0, n)
                 rope = mrope_positions(n, c.images, self.merge_size)
-                pos[1:, r, pad:] = rope
+                pos[1:, r, pad:] = rope[:, n0:]
                 rope_next.append(int(rope.max()) + 1 if n else 0)
                 for slot in sorted(c.images, key=lambda s: s.start):
-                    pixels.append(slot.image.pixel_values)
-                    grids.append(slot.image.grid_thw)
-                    visual[r, pad + slot.start : pad + slot.end] = True
-                self._tls.stats.prefill_tokens += n
+                    if slot.start >= n0:  # images in the reused prefix are already in its KV
+                        pixels.append(slot.image.pixel_values)
+                        grids.append(slot.image.grid_thw)
+                        visual[r, pad + slot.start - n0 : pad + slot.end - n0] = True
+                self._tls.stats.prefill_tokens += n - n0
+                self._tls.stats.reused_tokens += n0
             inputs = {
                 "input_ids": ids,
                 "attention_mask": mask[k : k + len(part)],
@@ -269,18 +319,54 @@ class LocalGenerator:
             if pixels:
                 inputs["pixel_values"] = torch.cat(pixels)
                 inputs["image_grid_thw"] = torch.stack(grids)
+            if template is None:
+                start = DynamicCache(config=text_config)
+            else:
+                extra = None if room is None else width + room
+                start = past_cache(reused[k : k + len(part)], past, template, text_config, extra)
             # Image features go where the slots say, so a sampled <|image_pad|> is just a token.
-            out = encode(self.model, inputs, past_key_values=DynamicCache(config=self.model.config.get_text_config()))
+            out = encode(self.model, inputs, past_key_values=start)
             self._tls.stats.prefill_calls += 1
             caches.append(kv_cache(out))
             logits.append(self.model.lm_head(out.last_hidden_state[:, -1]).float())
         self._tls.stats.prefill_sequences += len(contexts)
         cache = caches[0]
         if len(caches) > 1:  # same padded width, so the chunks stack on the batch dim
-            for li, layer in enumerate(cache.layers):
-                layer.keys = torch.cat([c.layers[li].keys for c in caches])
-                layer.values = torch.cat([c.layers[li].values for c in caches])
+            cache = DynamicCache(config=text_config)
+            for li in range(len(caches[0].layers)):
+                keys = torch.cat([c.layers[li].keys for c in caches])
+                cache.update(keys, torch.cat([c.layers[li].values for c in caches]), li)
         return cache, torch.cat(logits), mask.to(dev), torch.tensor(rope_next)
+
+    def _take_cached(
+        self, states: list[TrajectoryState], row_ctx: list[int], contexts: list[TrajectoryState]
+    ) -> list[tuple[CachedContext, int] | None]:
+        """Per distinct context, the longest usable cached prefix among its rows' entries."""
+        reused: list[tuple[CachedContext, int] | None] = [None] * len(contexts)
+        store = getattr(self._tls, "turn_caches", None)
+        if store is None:
+            return reused
+        for s, u in zip(states, row_ctx, strict=True):
+            entry = store.take(s)
+            if entry is None:
+                continue
+            n = entry.usable_length(contexts[u])
+            if n > 0 and (reused[u] is None or n > reused[u][1]):
+                reused[u] = (entry, n)
+        return reused
+
+    def _keep_cached(self, cache, mask, rows: list[int], js: list[int], states, tokens) -> None:
+        """Put the KV of finished batch rows ``js`` (states ``rows``) in the session's store."""
+        store = getattr(self._tls, "turn_caches", None)
+        if store is None:
+            return
+        for j, r in zip(js, rows, strict=True):
+            s = states[r]
+            keys, values = extract_row(cache, j, mask[j].bool())
+            covered = s.token_ids + tokens[r][:-1]  # the last sampled token was never fed
+            if keys[0].shape[1] != len(covered):
+                raise AssertionError(f"cached {keys[0].shape[1]} positions for {len(covered)} tokens")
+            store.put(s, CachedContext(covered, CachedContext.slots_of(s), keys, values))
 
     def _generate_batch(
         self, states: list[TrajectoryState], params: list[SamplingParams]
@@ -289,12 +375,17 @@ class LocalGenerator:
         first: dict[tuple, int] = {}
         row_ctx = [first.setdefault(self._context_key(s, r), len(first)) for r, s in enumerate(states)]
         contexts = [states[row_ctx.index(u)] for u in range(len(first))]
-        cache, logits, mask, rope_next = self._prefill(contexts)
+        room = min(max(p.max_new_tokens for p in params), _ROOM) if self.grow_cache_in_place else None
+        reused = self._take_cached(states, row_ctx, contexts)
+        cache, logits, mask, rope_next = self._prefill(contexts, reused, room)
+        del reused  # the entries' KV is in the batch's cache now: free it while decoding
         if len(contexts) < len(states):
             index = torch.tensor(row_ctx, device=dev)
             cache.batch_select_indices(index)
             logits, mask = logits[index], mask[index]
             self._tls.stats.shared_rows += len(states) - len(contexts)
+        if room is not None:  # the loop feeds at most max_new_tokens - 1 tokens
+            cache = grow_in_place(cache, room, self.model.config.get_text_config())
         idx_cpu = torch.tensor(row_ctx)
         text_pos = torch.tensor([len(s) for s in states])
         rope_pos = rope_next[idx_cpu]
@@ -320,6 +411,10 @@ class LocalGenerator:
                     ends[r] = ("stop", stops[r][t])
                 elif len(tokens[r]) < params[r].max_new_tokens:
                     keep.append(j)
+            if len(keep) < len(alive):
+                kept = set(keep)
+                done = [j for j in range(len(alive)) if j not in kept]
+                self._keep_cached(cache, mask, [alive[j] for j in done], done, states, tokens)
             if not keep:
                 break
             if len(keep) < len(alive):
