@@ -93,6 +93,10 @@ class ReferenceCalls:
         self.phase_stats: dict[str, Counter] = {"rollout": Counter(), "resample": Counter()}
         self.lock = threading.Lock()
 
+    def rollout_session(self):
+        """The inner generator's session: `run_rollouts` keeps each rollout's KV cache across turns."""
+        return self.inner.rollout_session()
+
     def _scripted(self, state) -> list[int] | None:
         ids = self.turns.get(state.metadata.get("question"))
         if not ids:
