@@ -65,6 +65,7 @@ from axpo_nemo.local.policy import iter_logprobs, plan_micro_batches
 from axpo_nemo.local.resample_wave import EarlyUpdate, ResampleWave, confirm_early, single_threaded
 from axpo_nemo.local.resumable import ResumableTrainer
 from axpo_nemo.run.axpo_step import COUNTERS, StepSettings, build_prompts, run_step
+from axpo_nemo.run.axpo_step import StepRecord as SharedStepRecord
 from axpo_nemo.run.data_cursor import dataset_fingerprint
 
 __all__ = ["LOSS_METRIC_NAMES", "RLConfig", "RLTrainer", "StepRecord"]
@@ -74,23 +75,15 @@ RewardFn = Callable[[TrajectoryState, Sample], tuple[float, bool]]
 
 
 @dataclass
-class StepRecord:
-    """What the last step trained on (for inspection and tests).
+class StepRecord(SharedStepRecord):
+    """What the last step trained on (for inspection and tests): `run.axpo_step.StepRecord` plus
 
     Attributes:
-        states: every row's trajectory (originals, then resampled rows).
-        batch: the step's `RolloutBatch`.
-        plan: the resampling plan (None for GRPO).
-        advantages: per-token advantages and loss mask.
         old_logprobs: ``[R, S]`` the pre-update policy's logprobs at the loss tokens (0 on rows
             skipped for having no advantage signal).
         row_mask: ``[R]`` rows kept in the loss (False: non-finite logprobs).
     """
 
-    states: list[TrajectoryState]
-    batch: RolloutBatch
-    plan: ResamplePlan | None
-    advantages: StepAdvantages
     old_logprobs: torch.Tensor
     row_mask: torch.Tensor
 
@@ -203,11 +196,6 @@ class RLTrainer(ResumableTrainer):
             out.extend(perm[self.position : self.position + take])
             self.position += take
         return out
-
-    def _tools_for(self, sample: Sample) -> list[Tool]:
-        if not sample.allowed_tools:
-            return list(self.tools.values())
-        return [t for name, t in self.tools.items() if name in sample.allowed_tools]
 
     # -- rollouts ------------------------------------------------------------------------------
 
@@ -414,7 +402,7 @@ class RLTrainer(ResumableTrainer):
         and ``epoch``.
         """
         picks = self.draw_questions()
-        prompts = build_prompts(self.questions, picks, self.protocol, self.data_root, self._tools_for)
+        prompts = build_prompts(self.questions, picks, self.protocol, self.data_root, self.tools)
         _, metrics = run_step(self, self.questions, picks, prompts, self.settings, self.step_count, self.counters)
         self.step_count += 1
         metrics.update({"step": float(self.step_count), "epoch": float(self.epoch)})

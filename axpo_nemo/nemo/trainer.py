@@ -210,11 +210,6 @@ class NemoRLTrainer:
         finally:
             self.generation.finish_generation()
 
-    def _tools_for(self, sample: Sample) -> list[Tool]:
-        if not sample.allowed_tools:
-            return list(self.tools.values())
-        return [t for name, t in self.tools.items() if name in sample.allowed_tools]
-
     def _rollouts(self, states: list[TrajectoryState]) -> RolloutBatch:
         """Roll ``states`` out with vLLM, reward them; rows with unusable behaviour logprobs are
         remembered (they keep their reward but carry no loss, see `row_mask`)."""
@@ -236,7 +231,7 @@ class NemoRLTrainer:
     def step(self) -> dict[str, float]:
         """One RL step (`run.axpo_step.run_step`, the module docstring); returns its metrics."""
         picks = self.order.draw(self.questions_per_step)
-        prompts = build_prompts(self.questions, picks, self.protocol, self.data_root, self._tools_for)
+        prompts = build_prompts(self.questions, picks, self.protocol, self.data_root, self.tools)
         record, metrics = run_step(self, self.questions, picks, prompts, self.settings, self.step_count, self.counters)
         self.step_count += 1
         metrics.update({"step": float(self.step_count), "epoch": float(self.order.epoch)})

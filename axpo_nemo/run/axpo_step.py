@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -111,13 +111,15 @@ def build_prompts(
     picks: Sequence[int],
     protocol: ChatProtocol,
     data_root: str | Path,
-    tools_for: Callable[[Sample], Sequence[Tool]],
+    tools: Mapping[str, Tool],
 ) -> list[Any]:
-    """The rendered prompt of each drawn question (its images, the tools it may use)."""
+    """The rendered prompt of each drawn question: its images, and the ``tools`` it may use
+    (``Sample.allowed_tools``; all of them when it names none)."""
     prompts = []
     for q in picks:
         sample = questions[q]
-        prompts.append(protocol.build_prompt(sample.question, sample.load_images(data_root), list(tools_for(sample))))
+        allowed = [t for name, t in tools.items() if not sample.allowed_tools or name in sample.allowed_tools]
+        prompts.append(protocol.build_prompt(sample.question, sample.load_images(data_root), allowed))
     return prompts
 
 
