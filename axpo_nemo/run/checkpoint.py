@@ -239,7 +239,7 @@ class CheckpointManager:
                 shutil.rmtree(entry, ignore_errors=True)
 
         complete = []
-        for step, path in self._step_dirs():
+        for step, path in self.step_folders():
             if self._read_marker(path) is None:
                 # Only a damaged marker can get here (saves are atomic): the weights may be intact.
                 aside = self.dir / f"invalid-{path.name}-{int(time.time())}"
@@ -270,7 +270,8 @@ class CheckpointManager:
         _fsync_dir(self.dir)
 
     # ---------------------------------------------------------------- listing
-    def _step_dirs(self) -> list[tuple[int, Path]]:
+    def step_folders(self) -> list[tuple[int, Path]]:
+        """``(step, folder)`` of every ``step_*`` folder, valid or not, oldest first."""
         if not self.dir.is_dir():
             return []
         out = []
@@ -290,13 +291,9 @@ class CheckpointManager:
             return None
         return manifest
 
-    def step_folders(self) -> list[tuple[int, Path]]:
-        """``(step, folder)`` of every ``step_*`` folder, valid or not, oldest first."""
-        return self._step_dirs()
-
     def checkpoints(self) -> list[tuple[int, Path]]:
         """``(step, folder)`` of every checkpoint with a readable marker, oldest first (not verified)."""
-        return [(s, p) for s, p in self._step_dirs() if self._read_marker(p) is not None]
+        return [(s, p) for s, p in self.step_folders() if self._read_marker(p) is not None]
 
     # ---------------------------------------------------------------- load
     def verify(self, path: str | os.PathLike, *, checksums: bool = True) -> dict[str, Any]:
@@ -361,7 +358,7 @@ class CheckpointManager:
         returning None.
         """
         first_error = None
-        folders = self._step_dirs()
+        folders = self.step_folders()
         for step, path in reversed(folders):
             try:
                 loaded = self.load(path, map_location=map_location, checksums=checksums)
