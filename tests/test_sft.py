@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -227,6 +228,27 @@ def test_warmups_run_first_then_sft_on_full_prompts(base, data):
     )  # fmt: skip
     resumed.load_state_dict(snapshot)
     assert [m["loss"] for m in resumed.train(3)] == [m["loss"] for m in rest]
+
+
+def test_copy_rehearsal_adds_a_copy_batch_to_every_step_after_the_warmup(base, data):
+    # SFT overwrote the copy circuit the warm-up grew (docs/results.md); rehearsal keeps training
+    # it: every later step also backpropagates a copy batch, a function of (seed, step) as in the
+    # warm-up, so a resume continues exactly
+    kwargs = {"steps": 3, "copy_warmup_steps": 1, "copy_warmup_batch": 4, "bucket_batches": 1}
+    plain = make(copy.deepcopy(base), data, SmallZoom(), **kwargs)
+    rehearsed = make(copy.deepcopy(base), data, SmallZoom(), copy_rehearsal_batch=2, **kwargs)
+    a, b = plain.train(2), rehearsed.train(2)
+    assert math.isfinite(a[0]["copy_loss"]) and a[0]["copy_loss"] == b[0]["copy_loss"]  # the warm-up
+    assert math.isnan(a[1]["copy_loss"]) and math.isfinite(b[1]["copy_loss"])
+    assert a[1]["loss"] == b[1]["loss"]  # the same SFT batch, plus the copy batch's gradient
+    weights = next(iter(rehearsed.model.parameters()))
+    assert not torch.equal(next(iter(plain.model.parameters())), weights)
+    snapshot = copy.deepcopy(rehearsed.state_dict())
+    rest = rehearsed.train(2)
+    resumed = make(copy.deepcopy(base), data, SmallZoom(), copy_rehearsal_batch=2, **kwargs)
+    resumed.load_state_dict(snapshot)
+    again = resumed.train(2)
+    assert [(m["loss"], m["copy_loss"]) for m in again] == [(m["loss"], m["copy_loss"]) for m in rest]
 
 
 def test_copy_warmup_teaches_a_fresh_model_to_copy(base):

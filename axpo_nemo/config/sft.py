@@ -42,6 +42,12 @@ class SFTConfig(ValidatedConfig):
         ge=0,
     )
     copy_warmup_batch: int = setting(32, "Sequences per copy warm-up step.", ge=1)
+    copy_rehearsal_batch: int = setting(
+        0,
+        "Copy sequences added to every step after the copy warm-up (local backend), so that SFT keeps "
+        "the copy circuit the warm-up grew instead of overwriting it. 0: none.",
+        ge=0,
+    )
     short_context_epochs: int = setting(
         0,
         "Epochs over the data with the prompts' tool schemas left out, before the `epochs` with "

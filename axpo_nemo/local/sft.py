@@ -159,13 +159,12 @@ class SFTTrainer(ResumableTrainer):
             self._short_batches = (epoch, order)
         return [self.short_examples[i] for i in self._short_batches[1][position]]
 
-    def _copy_step(self) -> float:
-        """One copy warm-up step's loss and backward (the caller steps the optimizer)."""
+    def _copy_step(self, batch_size: int) -> float:
+        """One copy batch's loss and backward (the caller steps the optimizer)."""
         span = 24
         tokens = copy_batch(
-            self.vocab_limit, self.cfg.copy_warmup_batch, span, 16, self.cfg.seed, self.step_count,
-            self.copy_alphabet,
-        )  # fmt: skip
+            self.vocab_limit, batch_size, span, 16, self.cfg.seed, self.step_count, self.copy_alphabet
+        )
         loss = copy_loss(self.model, tokens, span)
         loss.backward()
         return float(loss.detach())
@@ -191,19 +190,24 @@ class SFTTrainer(ResumableTrainer):
         Metrics: ``loss`` (mean NLL per assistant token of the batch), ``tokens`` (loss tokens),
         ``sequences``, ``lr``, ``grad_norm``, ``skipped_update`` (1 when a non-finite gradient
         norm dropped the update), ``epoch``, ``step`` (1-based), ``step_s`` and ``warmup`` (1:
-        a copy warm-up step, 2: a short-context step, 0: SFT on full prompts).
+        a copy warm-up step, 2: a short-context step, 0: SFT on full prompts), ``copy_loss`` (of the
+        copy warm-up or rehearsal batch; NaN without one).
         """
         t0 = time.perf_counter()
         lr = self.scheduler.apply()
         self.model.zero_grad(set_to_none=True)
+        copy = math.nan
         if self.step_count < self.cfg.copy_warmup_steps:
-            warmup, seqs, total, num_tokens = 1.0, [], self._copy_step(), 0.0
+            warmup, seqs, num_tokens = 1.0, [], 0.0
+            total = copy = self._copy_step(self.cfg.copy_warmup_batch)
         else:
             seqs = self._warmup_batch()
             warmup = 2.0 if seqs is not None else 0.0
             if seqs is None:
                 seqs = [self.examples[i] for i in self.next_batch()]
             total, num_tokens = self._sft_backward(seqs)
+            if self.cfg.copy_rehearsal_batch:
+                copy = self._copy_step(self.cfg.copy_rehearsal_batch)
         grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.cfg.grad_clip)
         self.scheduler.step()
         self.skipped_updates += int(not stepped)
@@ -218,6 +222,7 @@ class SFTTrainer(ResumableTrainer):
             "grad_norm": grad_norm,
             "skipped_update": float(not stepped),
             "warmup": warmup,
+            "copy_loss": copy,
             "step_s": time.perf_counter() - t0,
         }
 
