@@ -6,16 +6,20 @@ task (`data.synth`, written to a temporary folder). ``B`` questions x ``N`` roll
 (default: the demo's 8 x 8).
 
 * ``multi-turn``: 3 turns. In every turn the model samples ``--think`` tokens (default: the demo's
-  ``rollout.max_new_tokens``; stop tokens off). A random tiny model never writes a tool call, so
-  turns 0 and 1 then get a scripted ``image_zoom_in`` call appended (about 50 tokens, which a
-  trained model would have decoded and this benchmark prefills instead), which the real tool
-  runs: its crop comes back as an image observation (about 95 tokens with the image). The model's
-  sampled text is cut before any special token it drew (those tokens were decoded all the same),
-  as if its thinking ended there.
-* ``single-turn``: one turn in which the model samples ``3 x --think`` tokens: the same number of
-  decoded tokens per rollout, and no observation to prefill. With ``--count-calls`` it samples the
-  scripted calls' tokens too (a trained model decodes its calls): the same number of assistant
-  tokens per rollout.
+  ``rollout.max_new_tokens``; special tokens masked out, so its thinking never ends early). A random
+  tiny model never writes a tool call, so in turns 0 and 1 the scripted ``image_zoom_in`` call
+  follows (about 50 tokens): by default (``--calls decode``) the generator decodes it token by
+  token, each step's sampled token replaced by the call's next one, which is the work a trained
+  model does when it writes its call; the real tool runs it, and its crop comes back as an image
+  observation (about 95 tokens with the image).
+* ``single-turn``: one turn in which the model samples as many tokens as a multi-turn rollout
+  decodes (``3 x --think`` plus the calls' tokens): the same generated tokens per rollout, and no
+  observation to prefill.
+
+``--calls prefill`` is the earlier setting: the calls are appended after each turn's sampled tokens
+(the text cut before any special token the model drew) and prefilled with the next turn's
+observation, and single-turn rollouts sample ``3 x --think`` tokens, or with ``--count-calls``
+the calls' tokens too.
 
 Each mode runs on several generator configurations (``--configs``, default all but ``grow``):
 
@@ -37,13 +41,14 @@ token for token the same as ``before``'s (a near-tie in the sampler's sort can f
 random tiny model's near-uniform distribution: float rounding, as with another batch composition).
 
 Usage: ``python tools/bench_rollout.py [--quick] [--b 8] [--n 8] [--think 96] [--repeats 3]
-[--configs before,reuse,after] [--threads 1] [--device cpu]``. ``--quick`` runs 4 x 4 rollouts
+[--configs before,reuse,after] [--calls decode|prefill] [--count-calls] [--threads 1] [--device cpu]``. ``--quick`` runs 4 x 4 rollouts
 (same tokens per turn).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -52,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+import axpo_nemo.local.generator as generator_module
 from axpo_nemo.agent.loop import AgentLoopConfig, Continuation, per_state_params, run_rollouts
 from axpo_nemo.agent.protocol import ChatProtocol, format_assistant_turn
 from axpo_nemo.agent.sample import read_samples
@@ -85,15 +91,18 @@ def zoom_calls(tokenizer) -> list[list[int]]:
 class ThinkThenZoom:
     """The model samples ``think`` tokens each turn; every turn but the last then calls the zoom tool.
 
-    Forwards ``rollout_session`` to the generator, so `run_rollouts` keeps its KV caches across
-    turns when the generator reuses them. Counts the generator's work over the calls it makes.
+    With ``decode_calls`` the generator decodes the call (`ScriptedSampler`); otherwise the call's
+    tokens are appended to the turn's sampled ones and prefilled at the next turn. Forwards
+    ``rollout_session`` to the generator, so `run_rollouts` keeps its KV caches across turns when
+    the generator reuses them. Counts the generator's work over the calls it makes.
     """
 
-    def __init__(self, inner: LocalGenerator, tokenizer, think: int, turns: int) -> None:
+    def __init__(self, inner: LocalGenerator, tokenizer, think: int, turns: int, decode_calls: bool) -> None:
         """Wrap ``inner``; ``think`` tokens sampled per turn, ``turns`` turns per trajectory."""
-        self.inner, self.think, self.turns = inner, think, turns
+        self.inner, self.think, self.turns, self.decode_calls = inner, think, turns, decode_calls
         self.calls = zoom_calls(tokenizer)
         self.special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        self.sampler = ScriptedSampler(sorted(self.special))
         self.work: dict[str, int] = {}
 
     def rollout_session(self):
@@ -101,24 +110,83 @@ class ThinkThenZoom:
         return self.inner.rollout_session()
 
     def generate(self, states, params):
-        """Sample ``think`` tokens per state, cut before a special token, then append the call."""
-        asked = [
-            replace(p, max_new_tokens=self.think, stop_token_texts=(), ignore_eos=True)
-            for p in per_state_params(states, params)
+        """Sample ``think`` tokens per state, then the call (decoded, or appended)."""
+        calls = [
+            self.calls[s.num_turns % len(self.calls)] if s.num_turns + 1 < self.turns else [] for s in states
         ]
-        out = self.inner.generate(states, asked)
+        if self.decode_calls:
+            asked = [
+                replace(
+                    p,
+                    max_new_tokens=self.think + len(call),
+                    stop_token_texts=("</tool_call>",) if call else (),
+                    ignore_eos=True,
+                )
+                for p, call in zip(per_state_params(states, params), calls, strict=True)
+            ]
+            with self.sampler.scripted(states, asked, self.think, calls):
+                out = self.inner.generate(states, asked)
+        else:
+            asked = [
+                replace(p, max_new_tokens=self.think, stop_token_texts=(), ignore_eos=True)
+                for p in per_state_params(states, params)
+            ]
+            out = self.inner.generate(states, asked)
         for name, value in self.inner.last_call_stats.as_dict().items():
             self.work[name] = self.work.get(name, 0) + value
+        if self.decode_calls:
+            return out
         result = []
-        for s, c in zip(states, out, strict=True):
+        for c, call in zip(out, calls, strict=True):
             cut = next((i for i, t in enumerate(c.token_ids) if t in self.special), len(c.token_ids))
             ids, logprobs = list(c.token_ids[:cut]), list(c.logprobs[:cut])
-            if s.num_turns + 1 < self.turns:
-                call = self.calls[s.num_turns % len(self.calls)]
+            if call:
                 result.append(Continuation(ids + call, logprobs + [0.0] * len(call), "stop", "</tool_call>"))
             else:
                 result.append(Continuation(ids, logprobs, "length"))
         return result
+
+
+class ScriptedSampler:
+    """Stands in for the generator's ``sample_tokens`` while a scripted call is decoded.
+
+    Special tokens are masked out of every row's distribution (the thinking never ends early);
+    after ``think`` sampled tokens, a row's token is replaced by its call's next one (logprob 0, as
+    in the prefilled calls). The generator seeds one ``torch.Generator`` per row from the row's
+    state and parameters; that seed identifies the row here, since the batch order changes as
+    rows finish.
+    """
+
+    def __init__(self, special_ids: list[int]) -> None:
+        """Mask ``special_ids`` while scripted."""
+        self.special = torch.tensor(special_ids)
+        self.rows: dict[int, list] = {}
+
+    @contextlib.contextmanager
+    def scripted(self, states, params, think: int, calls: list[list[int]]):
+        """Route the generator's sampling through this object for one ``generate`` call."""
+        self.rows = {
+            derive_seed(p.seed, s.seed, len(s)): [0, think, call]
+            for s, p, call in zip(states, params, calls, strict=True)
+        }
+        original = generator_module.sample_tokens
+        generator_module.sample_tokens = lambda *args: self(original, *args)
+        try:
+            yield
+        finally:
+            generator_module.sample_tokens = original
+
+    def __call__(self, original, logits, temperature, top_p, generators):
+        """Sample with special tokens masked, then put each scripted row's call token in place."""
+        logits = logits.index_fill(1, self.special.to(logits.device), float("-inf"))
+        tokens, logprobs = original(logits, temperature, top_p, generators)
+        for j, g in enumerate(generators):
+            row = self.rows[g.initial_seed()]
+            step, think, call = row
+            row[0] += 1
+            if step >= think:
+                tokens[j], logprobs[j] = call[step - think], 0.0
+        return tokens, logprobs
 
 
 def _run(
@@ -132,10 +200,13 @@ def _run(
     n: int,
     seed: int,
     extra: int,
+    decode_calls: bool,
 ) -> dict:
     gen = LocalGenerator.from_bundle(bundle, **CONFIGS[config])
     turns = loop.max_turns if multi else 1
-    wrapper = ThinkThenZoom(gen, bundle.tokenizer, think if multi else think * loop.max_turns + extra, turns)
+    wrapper = ThinkThenZoom(
+        gen, bundle.tokenizer, think if multi else think * loop.max_turns + extra, turns, decode_calls
+    )
     states = [
         TrajectoryState.from_prompt(p, group=g, seed=derive_seed("bench", seed, g, i), index=g * n + i)
         for g, p in enumerate(prompts)
@@ -173,9 +244,15 @@ def main() -> None:
         "--configs", default="before,reuse,after", help=f"comma-separated, of {', '.join(CONFIGS)}"
     )
     parser.add_argument(
+        "--calls",
+        choices=("decode", "prefill"),
+        default="decode",
+        help="decode the scripted calls token by token (a trained model's work), or prefill them",
+    )
+    parser.add_argument(
         "--count-calls",
         action="store_true",
-        help="single-turn rollouts also sample the scripted calls' tokens",
+        help="--calls prefill: single-turn rollouts also sample the scripted calls' tokens",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -185,6 +262,9 @@ def main() -> None:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown --configs {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.count_calls and args.calls != "prefill":
+        parser.error("--count-calls applies to --calls prefill (decoded calls are always counted)")
+    decode_calls = args.calls == "decode"
     torch.set_num_threads(args.threads)
     cfg = load_config("demo")
     b = args.b or (4 if args.quick else cfg.rollout.questions_per_step)
@@ -205,7 +285,7 @@ def main() -> None:
     ]
     extra = (
         sum(len(c) for c in zoom_calls(bundle.tokenizer)[: cfg.rollout.max_turns - 1])
-        if args.count_calls
+        if args.count_calls or decode_calls
         else 0
     )
     loop = AgentLoopConfig.from_rollout_config(
@@ -215,18 +295,19 @@ def main() -> None:
     runs: dict[tuple[str, bool], list[dict]] = {k: [] for k in keys}
     try:
         for c, multi in keys:  # untimed warm-up at full batch
-            _run(c, multi, bundle, prompts, tools, loop, 2, n, args.seed, 0)
+            _run(c, multi, bundle, prompts, tools, loop, 2, n, args.seed, extra, decode_calls)
         for _ in range(args.repeats):
             for c, multi in keys:
                 runs[c, multi].append(
-                    _run(c, multi, bundle, prompts, tools, loop, think, n, args.seed, extra)
+                    _run(c, multi, bundle, prompts, tools, loop, think, n, args.seed, extra, decode_calls)
                 )
     finally:
         tools.close()
 
     print(
         f"demo model on {args.device}, threads={args.threads}: {len(prompts)} questions x {n} rollouts, "
-        f"{loop.max_turns} turns x {think} tokens (single turn: {think * loop.max_turns + extra}), "
+        f"{loop.max_turns} turns x {think} tokens, calls {'decoded' if decode_calls else 'prefilled'} "
+        f"(single turn: {think * loop.max_turns + extra}), "
         f"median of {args.repeats} interleaved repeats"
     )
     header = f"{'config':<7} {'mode':<12} {'wall_s':>7} {'cpu_s':>7} {'tokens/s':>9} {'decoded':>8} {'prefilled':>9}"
