@@ -45,8 +45,8 @@ def test_families_separate_a_wrong_call_from_a_miscopied_answer(diag, tmp_path, 
     ]
     results = [_question("m", "python_multiply", mult), _question("c", "color_mc", [_sample(False, False)] * 2)]
     questions = {
-        "m": {"id": "m", "metadata": {"reference_call": REF, "value": "42"}},
-        "c": {"id": "c", "metadata": {}},
+        "m": {"id": "m", "category": "python_multiply", "metadata": {"reference_call": REF, "value": "42"}},
+        "c": {"id": "c", "category": "color_mc", "metadata": {}},
     }
     rows = {r["family"]: r for r in diag.family_rows(results, questions)}
     m = rows["python_multiply"]
