@@ -11,7 +11,9 @@ within the demo's budget (measured: operands stayed at chance, p ~ 0.1, after 30
 A few hundred steps of language modelling on random-token sequences that repeat a span
 (``x, filler, x``; the loss is on the repeat) grow those heads in seconds on a CPU. This
 module makes those batches; `SFTTrainer` runs them before its SFT steps when
-``sft.copy_warmup_steps`` > 0. Off by default: a pretrained checkpoint needs none.
+``sft.copy_warmup_steps`` > 0, and beside every later step when ``sft.copy_rehearsal_batch`` > 0
+(SFT alone overwrites the circuit: docs/results.md). Off by default: a pretrained checkpoint
+needs none.
 """
 
 from __future__ import annotations
