@@ -43,7 +43,8 @@ def _write_run(run_dir: Path, algo: str, seed: int, steps: int = 8, *, eval_in_m
         rec = {
             "step": s,
             "phase": "rl",
-            "time": 100.0 + 2.0 * s + seed,  # 2 s per step
+            # 2 s per step; one run was stopped for 600 s after step 3 and resumed
+            "time": 100.0 + 2.0 * s + seed + (600.0 if (algo, seed, s > 3) == ("grpo", 1, True) else 0.0),
             "tool_use_rate": _tool_rate(algo, seed, s),
             "tool_subgroup_all_wrong_rate": 0.4 if algo == "axpo" else 0.6 + 0.01 * s,
             # GRPO never resamples (null = NaN); AXPO misses step 1 (nothing selected).
@@ -101,7 +102,8 @@ def test_aggregate_tables_and_plots(exp, tmp_path):
     assert v["GRPO"]["eval pass@1"] == pytest.approx([0.3, 0.4])
     assert v["AXPO"]["eval pass@4"] == pytest.approx([0.6, 0.7])
     assert v["AXPO"]["eval tool_use_rate"] == pytest.approx([0.25, 0.25])
-    # Wall time from RunInfo.seconds or exp_timing.json; seconds per RL step from record times.
+    # Wall time from RunInfo.seconds or exp_timing.json; seconds per RL step from record times
+    # (the median gap: seed 1's pause of a stopped and resumed run is not spread over its steps).
     assert v["AXPO"]["wall time per run (s)"] == pytest.approx([10.0, 13.0])
     assert v["GRPO"]["seconds per RL step"] == pytest.approx([2.0, 2.0])
     assert v["GRPO"]["RL steps"] == [8.0, 8.0]

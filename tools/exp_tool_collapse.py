@@ -56,10 +56,12 @@ import argparse
 import contextlib
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -256,10 +258,12 @@ def _pass_keys(evals: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _seconds_per_step(records: Sequence[Mapping[str, Any]]) -> float:
+    """The median time between consecutive RL steps' records: a run stopped and resumed has one
+    long gap, which a mean over the run's span would spread over every step."""
     times = sorted(float(r["time"]) for r in records if isinstance(r.get("time"), int | float))
     if len(times) < 2:
         return math.nan
-    return (times[-1] - times[0]) / (len(times) - 1)
+    return statistics.median(b - a for a, b in itertools.pairwise(times))
 
 
 def aggregate(
