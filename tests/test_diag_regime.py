@@ -45,10 +45,11 @@ def test_families_separate_a_wrong_call_from_a_miscopied_answer(diag, tmp_path, 
     ]
     results = [_question("m", "python_multiply", mult), _question("c", "color_mc", [_sample(False, False)] * 2)]
     questions = {
-        "m": {"id": "m", "category": "python_multiply", "metadata": {"reference_call": REF, "value": "42"}},
-        "c": {"id": "c", "category": "color_mc", "metadata": {}},
-    }
-    rows = {r["family"]: r for r in diag.family_rows(results, questions)}
+        "m": {"id": "m", "question": "What is six times seven?", "answer": "A", "category": "python_multiply",
+              "metadata": {"reference_call": REF, "value": "42"}},
+        "c": {"id": "c", "question": "Which colour?", "answer": "B", "category": "color_mc", "metadata": {}},
+    }  # fmt: skip
+    rows = {r["family"]: r for r in diag.family_rows(results, {k: q["metadata"] for k, q in questions.items()})}
     m = rows["python_multiply"]
     assert (m["rollouts"], m["tool_use"], m["acc_no_tool"]) == (4, 0.75, 1.0)
     assert m["acc_tool"] == pytest.approx(1 / 3) and m["reference_calls"] == pytest.approx(2 / 3)

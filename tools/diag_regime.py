@@ -26,9 +26,11 @@ Usage: ``python tools/diag_regime.py EVAL_DIR QUESTIONS_JSONL [--group-size 8] [
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
+
+from axpo_nemo.agent.sample import read_samples
+from axpo_nemo.data.results_file import read_results_file
 
 
 def _first_call(sample: dict) -> dict | None:
@@ -36,11 +38,13 @@ def _first_call(sample: dict) -> dict | None:
     return calls[0] if calls else None
 
 
-def family_rows(results: list[dict], questions: dict[str, dict]) -> list[dict]:
-    """Per family: rollouts, tool use, accuracies, reference-call and copied-answer shares."""
+def family_rows(results: list[dict], metadata: dict[str, dict]) -> list[dict]:
+    """Per family: rollouts, tool use, accuracies, reference-call and copied-answer shares.
+
+    ``metadata``: each question's metadata by id (its ``reference_call`` and ``value``)."""
     acc: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for q in results:
-        meta = questions.get(q["id"], {}).get("metadata", {})
+        meta = metadata.get(q["id"], {})
         ref, value = meta.get("reference_call"), meta.get("value")
         f = acc[q["category"]]
         for s in q["samples"]:
@@ -108,10 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group-size", type=int, default=8, help="N, rollouts per group")
     parser.add_argument("--k", type=int, default=4, help="K, continuations per selected prefix")
     args = parser.parse_args(argv)
-    lines = (args.eval_dir / "results.jsonl").read_text().splitlines()
-    results = [r for r in map(json.loads, filter(None, lines)) if r.get("type") == "question"]
-    questions = {q["id"]: q for q in map(json.loads, filter(None, args.questions.read_text().splitlines()))}
-    rows = family_rows(results, questions)
+    _, results = read_results_file(args.eval_dir / "results.jsonl")
+    samples = list(read_samples(args.questions))
+    rows = family_rows(results, {q.id: q.metadata for q in samples})
     print("| family | rollouts | tool use | acc. with tools | acc. without | reference calls | copied after one |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -119,9 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['family']} | {r['rollouts']} | {_pct(r['tool_use'])} | {_pct(r['acc_tool'])} | "
             f"{_pct(r['acc_no_tool'])} | {_pct(r['reference_calls'])} | {_pct(r['copied_after_reference'])} |"
         )
-    tool_families = {
-        q["category"] for q in questions.values() if q.get("metadata", {}).get("reference_call") is not None
-    }
+    tool_families = {q.category for q in samples if q.metadata.get("reference_call") is not None}
     est = regime(results, tool_families, args.group_size, args.k)
     print(
         f"regime: all-wrong tool-subgroup rate {est['all_wrong']:.2f}, recovery {est['recovery']:.2f}, "
