@@ -152,9 +152,8 @@ class ScriptedSampler:
 
     Special tokens are masked out of every row's distribution (the thinking never ends early);
     after ``think`` sampled tokens, a row's token is replaced by its call's next one (logprob 0, as
-    in the prefilled calls). The generator seeds one ``torch.Generator`` per row from the row's
-    state and parameters; that seed identifies the row here, since the batch order changes as
-    rows finish.
+    in the prefilled calls). The generator seeds one ``torch.Generator`` per row with
+    `row_seed`; that seed identifies the row here, since the batch order changes as rows finish.
     """
 
     def __init__(self, special_ids: list[int]) -> None:
@@ -166,8 +165,7 @@ class ScriptedSampler:
     def scripted(self, states, params, think: int, calls: list[list[int]]):
         """Route the generator's sampling through this object for one ``generate`` call."""
         self.rows = {
-            derive_seed(p.seed, s.seed, len(s)): [0, think, call]
-            for s, p, call in zip(states, params, calls, strict=True)
+            generator_module.row_seed(s, p): [0, think, call] for s, p, call in zip(states, params, calls, strict=True)
         }
         original = generator_module.sample_tokens
         generator_module.sample_tokens = lambda *args: self(original, *args)

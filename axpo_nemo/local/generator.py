@@ -53,7 +53,7 @@ from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
 from axpo_nemo.local.forward import CACHE_ARG, encode, kv_cache
 from axpo_nemo.local.kv_reuse import CachedContext, extract_row, grow_in_place, past_cache, turn_cache_session
 
-__all__ = ["GeneratorStats", "LocalGenerator", "mrope_positions", "sample_tokens"]
+__all__ = ["GeneratorStats", "LocalGenerator", "mrope_positions", "row_seed", "sample_tokens"]
 
 #: Decode positions a batch's cache has room for at first; it grows by half when full.
 _ROOM = 512
@@ -106,6 +106,12 @@ def mrope_positions(length: int, images: Sequence[ImageSlot], merge_size: int) -
         i = slot.end
     pos[:, i:] = torch.arange(cur, cur + length - i)
     return pos
+
+
+def row_seed(state: TrajectoryState, params: SamplingParams) -> int:
+    """The seed of the ``torch.Generator`` that samples ``state``'s turn: a function of the
+    parameters' seed, the trajectory's seed and its length, never of the batch it shares."""
+    return derive_seed(params.seed, state.seed, len(state))
 
 
 def sample_tokens(
@@ -390,10 +396,7 @@ class LocalGenerator:
         text_pos = torch.tensor([len(s) for s in states])
         rope_pos = rope_next[idx_cpu]
 
-        gens = [
-            torch.Generator().manual_seed(derive_seed(p.seed, s.seed, len(s)))
-            for s, p in zip(states, params, strict=True)
-        ]
+        gens = [torch.Generator().manual_seed(row_seed(s, p)) for s, p in zip(states, params, strict=True)]
         temperature = torch.tensor([p.temperature for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev)
         stops = [self._stop_ids(p) for p in params]
