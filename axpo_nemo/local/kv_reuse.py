@@ -229,13 +229,13 @@ def past_cache(
         capacity = width + (room or 0)
         keys = k0.new_empty(len(entries), k0.shape[0], capacity, k0.shape[2])
         values = v0.new_empty(len(entries), v0.shape[0], capacity, v0.shape[2])
-        keys[:, :, :width].zero_()
-        values[:, :, :width].zero_()
         for r, held in enumerate(entries):
-            if held is not None and held[1] > 0:
-                entry, n = held
-                keys[r, :, width - n : width] = entry.keys[li][:, :n]
-                values[r, :, width - n : width] = entry.values[li][:, :n]
+            n = held[1] if held is not None else 0
+            keys[r, :, : width - n].zero_()  # only the padding: the rest is overwritten
+            values[r, :, : width - n].zero_()
+            if n > 0:
+                keys[r, :, width - n : width] = held[0].keys[li][:, :n]
+                values[r, :, width - n : width] = held[0].values[li][:, :n]
         if room is None:
             cache.update(keys, values, li)
         else:
