@@ -267,3 +267,24 @@ def test_copy_warmup_teaches_a_fresh_model_to_copy(base):
     with torch.no_grad():
         after = float(copy_loss(model, held_out, 12))
     assert before > 5.0 and after < 1.0, (before, after)
+
+
+def test_observation_weight_scales_the_loss_of_the_turns_after_a_tool_observation(base, data):
+    # the tokens after an observation (the answer read from the tool's output) are weighted,
+    # the rest are not, and the mean stays over the plain token count: loss(w) = A + (w - 1)·B
+    trainer = make(copy.deepcopy(base), data, SmallZoom(), bucket_batches=1)
+    for e in trainer.examples:
+        after, mask = e.after_observation, e.loss_mask
+        assert not (after & ~mask).any()
+        if e.sample_id in ("s1", "s3"):  # no tool call: nothing follows an observation
+            assert not after.any()
+            continue
+        first = int(after.nonzero()[0])
+        assert after[first:].equal(mask[first:])  # from there on: the whole last turn
+        assert mask[:first].any() and not mask[first - 1]  # the call turn, then the observation
+    losses = {
+        w: make(copy.deepcopy(base), data, SmallZoom(), batch_size=4, observation_weight=w).step()["loss"]
+        for w in (1.0, 2.0, 3.0)
+    }
+    assert losses[2.0] > losses[1.0]
+    assert losses[3.0] - losses[1.0] == pytest.approx(2 * (losses[2.0] - losses[1.0]), rel=1e-4)

@@ -51,6 +51,15 @@ class SFTExample:
         """[len] bool: the tokens that carry loss — exactly the assistant-generated ones."""
         return torch.tensor(self.state.generated, dtype=torch.bool)
 
+    @property
+    def after_observation(self) -> torch.Tensor:
+        """[len] bool: the loss tokens that follow a tool observation (the turns that read a
+        tool's output: e.g. the answer copied from it)."""
+        mask = self.loss_mask
+        ends = torch.zeros_like(mask)
+        ends[1:] = mask[:-1] & ~mask[1:]  # a generated run ends here: what follows is observed
+        return mask & (torch.cumsum(ends.long(), 0) > 0)
+
     def __len__(self) -> int:
         return len(self.state.token_ids)
 

@@ -48,6 +48,14 @@ class SFTConfig(ValidatedConfig):
         "the copy circuit the warm-up grew instead of overwriting it. 0: none.",
         ge=0,
     )
+    observation_weight: float = setting(
+        1.0,
+        "Loss weight of the assistant tokens that follow a tool observation (the answer read from "
+        "the tool's output); the mean stays over the plain token count. A tiny model built from "
+        "scratch learned to copy the output on some seeds only: those few tokens carry little of "
+        "the loss (docs/results.md). 1: plain SFT.",
+        ge=0.0,
+    )
     short_context_epochs: int = setting(
         0,
         "Epochs over the data with the prompts' tool schemas left out, before the `epochs` with "

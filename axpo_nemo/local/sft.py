@@ -227,9 +227,12 @@ class SFTTrainer(ResumableTrainer):
         }
 
     def _sft_backward(self, seqs: list[SFTExample]) -> tuple[float, float]:
-        """Backward of the batch's mean NLL per assistant token; returns (loss, loss tokens)."""
+        """Backward of the batch's mean NLL per assistant token (tokens after a tool observation
+        weighted by ``observation_weight``); returns (loss, loss tokens)."""
         masks = [e.loss_mask for e in seqs]
         num_tokens = float(sum(int(m.sum()) for m in masks))
+        w_obs = self.cfg.observation_weight
+        weights = [m.float() + (w_obs - 1.0) * e.after_observation.float() for m, e in zip(masks, seqs, strict=True)]
         total = 0.0
         for chunk in iter_logprobs(
             self.model,
@@ -241,7 +244,7 @@ class SFTTrainer(ResumableTrainer):
         ):
             w = chunk.logprobs.shape[1]
             mask = torch.stack(
-                [torch.nn.functional.pad(masks[i], (0, w - masks[i].numel())) for i in chunk.rows]
+                [torch.nn.functional.pad(weights[i], (0, w - weights[i].numel())) for i in chunk.rows]
             )
             mask = mask.to(chunk.logprobs.device)
             loss = -(chunk.logprobs * mask).sum() / max(num_tokens, 1.0)
