@@ -6,9 +6,10 @@ observation: the token the policy has to copy from the tool's output. It prints,
 mean NLL of that token and the share of trajectories where its probability is above one half.
 A model that copies has NLL near 0; one that guesses among the options has NLL near log k.
 
-A mean SFT loss hides this: the token is one of ~60 loss tokens of a trajectory. Run it on data
-the model never trained on (a synthetic set of another ``data.synth.seed``) to see copying, not
-memorisation.
+A mean SFT loss hides this: the token is one of ~60 loss tokens of a trajectory. Run it on the
+training data and on a synthetic set of another ``data.synth.seed``: a model that copies scores
+both alike (a multiplication's product could also be memorised from its operands; an area's
+count, read from pixels, hardly).
 
 Usage: ``python tools/probe_answer_copy.py RUN_DIR [--weights W.pt] [--data DATA_DIR] [--limit 160]``
 (``RUN_DIR`` holds ``config.yaml``; the weights default to its ``sft/final.pt``, the data to
