@@ -27,7 +27,7 @@ from axpo_nemo.agent.trajectory import TrajectoryState, fork_at_tool_call, to_ro
 from axpo_nemo.core.rollout import RolloutBatch
 from axpo_nemo.local import LocalGenerator, mrope_positions
 from axpo_nemo.local import generator as generator_module
-from axpo_nemo.local.kv_reuse import CachedContext, GrowingLayer
+from axpo_nemo.local.kv_reuse import CachedContext, GrowingLayer, extract_row
 from axpo_nemo.models import build_tiny_qwen3vl
 
 
@@ -131,6 +131,27 @@ def test_logprobs_equal_full_forward_in_a_padded_batch(bundle, proto, prompt):
         ref = full_forward_logprobs(bundle.model, s, temperature=0.7)[-n:]
         torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=0)
     assert gen.stats.prefill_sequences == 3 and gen.stats.shared_rows == 0
+
+
+def test_an_image_several_contexts_show_goes_through_the_vision_tower_once(bundle, proto, prompt, monkeypatch):
+    other = proto.build_prompt("What colour is the sign?", [_image(120, 90, 1)], [EchoTool()])
+    states = [state_with_image_observation(proto, p) for p in (prompt, other)]  # 4 slots, 2 images
+    encoder = bundle.model.model.get_image_features
+    seen = []
+
+    def spy(pixel_values, image_grid_thw, **kwargs):
+        seen.append(len(image_grid_thw))
+        return encoder(pixel_values, image_grid_thw, **kwargs)
+
+    monkeypatch.setattr(bundle.model.model, "get_image_features", spy)
+    params = SamplingParams(max_new_tokens=5, temperature=0.7, seed=3, ignore_eos=True, stop_token_texts=())
+    out = LocalGenerator.from_bundle(bundle).generate(states, params)
+    monkeypatch.undo()
+    assert seen == [2]
+    for s, c in zip(states, out, strict=True):
+        s.append_generated(c.token_ids, c.logprobs)
+        ref = full_forward_logprobs(bundle.model, s, temperature=0.7)[-5:]
+        torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=0)
 
 
 def test_samples_do_not_depend_on_batch_composition(bundle, proto, prompt):
@@ -483,6 +504,22 @@ def test_a_growing_layer_appends_in_place_and_grows_when_full():
     assert torch.equal(layer.keys, want_k[[2, 0]]) and torch.equal(layer.values, want_v[[2, 0]])
     layer.update(torch.zeros(2, 2, 1, 5), torch.ones(2, 2, 1, 5))
     assert torch.equal(layer.keys[:, :, :9], want_k[[2, 0]]) and layer.values[:, :, 9].eq(1).all()
+
+
+def test_a_kept_row_skips_the_batch_padding_and_is_a_view_only_when_asked():
+    keys, values = torch.randn(2, 2, 9, 3), torch.randn(2, 2, 9, 3)
+    layer = GrowingLayer.holding(keys, values, room=4)
+    cache = type("Cache", (), {"layers": [layer]})()
+    valid = torch.tensor([0, 0, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)  # left padding, a gap, a tail
+    for copied in (False, True):
+        got_k, got_v, runs = extract_row(cache, 1, valid, copy=copied)
+        assert runs == ((0, 2), (3, 6))
+        shares = got_k[0].untyped_storage().data_ptr() == layer.keys.untyped_storage().data_ptr()
+        assert shares != copied
+        entry = CachedContext(list(range(5)), {}, got_k, got_v, runs)
+        out_k, out_v = torch.zeros(2, 4, 3), torch.zeros(2, 4, 3)
+        entry.write_prefix(0, 4, out_k, out_v)  # a prefix that ends inside the second run
+        assert torch.equal(out_k, keys[1][:, valid][:, :4]) and torch.equal(out_v, values[1][:, valid][:, :4])
 
 
 def test_a_cache_grown_in_place_decodes_like_the_copying_cache(bundle, proto, prompt, monkeypatch):

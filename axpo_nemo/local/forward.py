@@ -29,7 +29,8 @@ def encode(model, inputs: dict[str, torch.Tensor], past_key_values=None):
     the stock forward treats every ``<|image_pad|>`` id as an image position and fails when the
     model sampled one. Works for any padding (``inputs`` needs ``input_ids``, ``attention_mask``,
     ``position_ids`` ``[4, B, L]``, ``visual_mask`` and, with images, ``pixel_values`` /
-    ``image_grid_thw`` in ``visual_mask`` order). Returns the decoder output
+    ``image_grid_thw`` in ``visual_mask`` order, or distinct images only and ``image_index``: for
+    each image of ``visual_mask`` in order, the position of its pixels). Returns the decoder output
     (``last_hidden_state``, and the KV cache: read it with `kv_cache`).
     """
     dev = next(model.parameters()).device
@@ -41,12 +42,13 @@ def encode(model, inputs: dict[str, torch.Tensor], past_key_values=None):
         feats = core.get_image_features(
             inputs["pixel_values"].to(dev), inputs["image_grid_thw"].to(dev), return_dict=True
         )
+        order = inputs["image_index"].tolist() if "image_index" in inputs else range(len(inputs["image_grid_thw"]))
         visual = inputs["visual_mask"].to(dev)
-        image_embeds = torch.cat(list(feats.pooler_output)).to(embeds.dtype)
+        image_embeds = torch.cat([feats.pooler_output[i] for i in order]).to(embeds.dtype)
         embeds = embeds.masked_scatter(visual[..., None].expand_as(embeds), image_embeds)
         extra = {
             "visual_pos_masks": visual,
-            "deepstack_visual_embeds": [torch.cat(list(f)) for f in feats.deepstack_features],
+            "deepstack_visual_embeds": [torch.cat([f[i] for i in order]) for f in feats.deepstack_features],
         }
     return core.language_model(
         inputs_embeds=embeds,

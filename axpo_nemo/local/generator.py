@@ -5,7 +5,9 @@ One ``generate`` call samples one assistant turn for every given state:
 1. **Prefill, shared.** States whose contexts are identical (same tokens, same image pixels: the N
    rollouts of a question at turn 0, or the K forks of one AXPO prefix) are prefilled once; the
    resulting KV cache rows are then gathered (``Cache.batch_select_indices`` with repeated indices)
-   so each state gets its own copy. ``stats`` counts prefilled sequences and tokens.
+   so each state gets its own copy. ``stats`` counts prefilled sequences and tokens. An image
+   that several prefilled contexts show (by fingerprint: a group's zooms on the same box) goes
+   through the vision tower once.
 2. **Positions.** Contexts are left-padded. Qwen3-VL uses 3-D M-RoPE: position ids are computed
    here, per row, from the state's image slots exactly as ``Qwen3VLModel.get_rope_index`` does
    (text runs advance all three axes together; an image's pads get (t, h, w) grid positions and
@@ -298,7 +300,7 @@ class LocalGenerator:
             ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
             pos = torch.zeros(4, len(part), width, dtype=torch.long)
             visual = torch.zeros(len(part), width, dtype=torch.bool)
-            pixels, grids = [], []
+            pixels, grids, image_index, seen = [], [], [], {}
             for r, c in enumerate(part):
                 n0, n = done[k + r], len(c)
                 pad = width - (n - n0)
@@ -311,8 +313,12 @@ class LocalGenerator:
                 rope_next.append(int(rope.max()) + 1 if n else 0)
                 for slot in sorted(c.images, key=lambda s: s.start):
                     if slot.start >= n0:  # images in the reused prefix are already in its KV
-                        pixels.append(slot.image.pixel_values)
-                        grids.append(slot.image.grid_thw)
+                        image = slot.image
+                        if image.fingerprint not in seen:  # the same image is encoded once
+                            seen[image.fingerprint] = len(pixels)
+                            pixels.append(image.pixel_values)
+                            grids.append(image.grid_thw)
+                        image_index.append(seen[image.fingerprint])
                         visual[r, pad + slot.start - n0 : pad + slot.end - n0] = True
                 self._tls.stats.prefill_tokens += n - n0
                 self._tls.stats.reused_tokens += n0
@@ -325,6 +331,7 @@ class LocalGenerator:
             if pixels:
                 inputs["pixel_values"] = torch.cat(pixels)
                 inputs["image_grid_thw"] = torch.stack(grids)
+                inputs["image_index"] = torch.tensor(image_index)
             if template is None:
                 start = DynamicCache(config=text_config)
             else:
@@ -361,18 +368,23 @@ class LocalGenerator:
                 reused[u] = (entry, n)
         return reused
 
-    def _keep_cached(self, cache, mask, rows: list[int], js: list[int], states, tokens) -> None:
-        """Put the KV of finished batch rows ``js`` (states ``rows``) in the session's store."""
+    def _keep_cached(self, cache, mask, rows: list[int], js: list[int], states, tokens, last: bool) -> None:
+        """Put the KV of finished batch rows ``js`` (states ``rows``) in the session's store.
+
+        ``last``: no row of the batch decodes further, so its cache is dropped next; the entries
+        then hold views of it instead of copies (nothing writes to it again, and a row that never
+        comes back, a finished trajectory's, costs no copy).
+        """
         store = getattr(self._tls, "turn_caches", None)
         if store is None:
             return
         for j, r in zip(js, rows, strict=True):
             s = states[r]
-            keys, values = extract_row(cache, j, mask[j].bool())
+            keys, values, runs = extract_row(cache, j, mask[j].bool(), copy=not last)
             covered = s.token_ids + tokens[r][:-1]  # the last sampled token was never fed
-            if keys[0].shape[1] != len(covered):
-                raise AssertionError(f"cached {keys[0].shape[1]} positions for {len(covered)} tokens")
-            store.put(s, CachedContext(covered, CachedContext.slots_of(s), keys, values))
+            if sum(b - a for a, b in runs) != len(covered):
+                raise AssertionError(f"cached {sum(b - a for a, b in runs)} positions for {len(covered)} tokens")
+            store.put(s, CachedContext(covered, CachedContext.slots_of(s), keys, values, runs))
 
     def _generate_batch(
         self, states: list[TrajectoryState], params: list[SamplingParams]
@@ -417,7 +429,7 @@ class LocalGenerator:
             if len(keep) < len(alive):
                 kept = set(keep)
                 done = [j for j in range(len(alive)) if j not in kept]
-                self._keep_cached(cache, mask, [alive[j] for j in done], done, states, tokens)
+                self._keep_cached(cache, mask, [alive[j] for j in done], done, states, tokens, not keep)
             if not keep:
                 break
             if len(keep) < len(alive):

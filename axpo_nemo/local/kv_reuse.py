@@ -8,10 +8,14 @@ it grows by half when full.
 
 **Cross-turn reuse.**
 Inside ``LocalGenerator.rollout_session()`` (which `agent.loop.run_rollouts` opens around its
-rounds), every row a ``generate`` call decodes leaves its KV cache behind, unpadded: the context
-and the sampled tokens but the last (which was never fed to the model). At the trajectory's next
-turn the generator takes that cache back and prefills only what came after it: the last sampled
-token, the tool observation and its images. This is what vLLM's prefix caching does on a cluster.
+rounds), every row a ``generate`` call decodes leaves its KV cache behind: the context and the
+sampled tokens but the last (which was never fed to the model), with the runs of positions that
+hold them (the batch's padding skipped). Rows that end with their batch keep views of the batch's
+cache, which nothing writes to again, so a turn's end copies nothing (nor does a finished
+trajectory's entry, which is never used); a row that ends while others decode keeps a copy, since
+a view would hold the whole batch's cache. At the trajectory's next turn the generator takes that
+cache back and prefills only what came after it: the last sampled token, the tool observation and
+its images. This is what vLLM's prefix caching does on a cluster.
 
 Safety: an entry is used only for the longest prefix on which it provably holds: the state's
 leading tokens must equal the entry's, and every image slot in that prefix must be the same image
@@ -24,7 +28,8 @@ Lifetime: the entries live in a `TurnCaches` of one session on one thread (the t
 speculative wave rolls out on a second thread, with a session of its own). A finished trajectory's
 entry is dropped at the next ``generate`` call of the session, and every entry when the session
 ends. A ``generate`` call takes its trajectories' entries out of the store and frees them once their
-KV is in the batch's cache, so a trajectory's KV is not held twice while it decodes.
+KV is in the batch's cache, so a trajectory's KV is not held twice while it decodes (a previous
+batch's cache, which views hold, goes with the last of them).
 """
 
 from __future__ import annotations
@@ -114,18 +119,21 @@ def grow_in_place(cache, room: int, config) -> DynamicCache:
 
 @dataclass
 class CachedContext:
-    """The KV of a trajectory's first ``len(token_ids)`` tokens, without padding.
+    """The KV of a trajectory's first ``len(token_ids)`` tokens.
 
     Attributes:
         token_ids: the tokens the KV covers.
         slots: ``{start: (end, fingerprint)}`` of every image in those tokens.
-        keys, values: per decoder layer, ``[kv_heads, len(token_ids), head_dim]``.
+        keys, values: per decoder layer, ``[kv_heads, P, head_dim]``.
+        runs: the ``(start, end)`` ranges of those P positions that hold the tokens' KV, in order
+            (padding between them skipped); None: the first ``len(token_ids)`` positions.
     """
 
     token_ids: list[int]
     slots: dict[int, tuple[int, str]]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    runs: tuple[tuple[int, int], ...] | None = None
 
     @staticmethod
     def slots_of(state: TrajectoryState) -> dict[int, tuple[int, str]]:
@@ -152,6 +160,18 @@ class CachedContext:
     def __len__(self) -> int:
         """Tokens covered."""
         return len(self.token_ids)
+
+    def write_prefix(self, layer: int, n: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy decoder layer ``layer``'s KV of the first ``n`` tokens into ``keys``/``values``
+        ``[kv_heads, n, head_dim]``."""
+        done = 0
+        for a, b in self.runs or ((0, len(self)),):
+            take = min(b - a, n - done)
+            if take <= 0:
+                break
+            keys[:, done : done + take] = self.keys[layer][:, a : a + take]
+            values[:, done : done + take] = self.values[layer][:, a : a + take]
+            done += take
 
 
 class TurnCaches:
@@ -203,11 +223,25 @@ def turn_cache_session(tls: threading.local, enabled: bool) -> Iterator[TurnCach
         tls.turn_caches = outer
 
 
-def extract_row(cache, row: int, valid: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Row ``row`` of a batched cache at its ``valid`` (bool ``[L]``) positions, as unpadded copies."""
-    keys = [layer.keys[row][:, valid] for layer in cache.layers]
-    values = [layer.values[row][:, valid] for layer in cache.layers]
-    return keys, values
+def extract_row(
+    cache, row: int, valid: torch.Tensor, copy: bool = True
+) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[tuple[int, int], ...]]:
+    """Row ``row`` of a batched cache, from its first to its last ``valid`` (bool ``[L]``) position.
+
+    Returns per-layer keys and values ``[kv_heads, span, head_dim]`` and the runs of valid positions
+    in that span (`CachedContext.runs`). Views of the cache's buffers unless ``copy``: a view keeps
+    the whole batch's buffers alive for as long as it lives.
+    """
+    flags = valid.to("cpu", torch.int8)
+    zero = flags.new_zeros(1)
+    edges = torch.diff(flags, prepend=zero, append=zero).nonzero().flatten().tolist()
+    first, last = edges[0], edges[-1]
+    runs = tuple((a - first, b - first) for a, b in zip(edges[0::2], edges[1::2], strict=True))
+    keys = [layer.keys[row][:, first:last] for layer in cache.layers]
+    values = [layer.values[row][:, first:last] for layer in cache.layers]
+    if copy:
+        keys, values = [k.clone() for k in keys], [v.clone() for v in values]
+    return keys, values, runs
 
 
 def past_cache(
@@ -234,8 +268,7 @@ def past_cache(
             keys[r, :, : width - n].zero_()  # only the padding: the rest is overwritten
             values[r, :, : width - n].zero_()
             if n > 0:
-                keys[r, :, width - n : width] = held[0].keys[li][:, :n]
-                values[r, :, width - n : width] = held[0].values[li][:, :n]
+                held[0].write_prefix(li, n, keys[r, :, width - n : width], values[r, :, width - n : width])
         if room is None:
             cache.update(keys, values, li)
         else:
