@@ -232,7 +232,9 @@ class SFTTrainer(ResumableTrainer):
         masks = [e.loss_mask for e in seqs]
         num_tokens = float(sum(int(m.sum()) for m in masks))
         w_obs = self.cfg.observation_weight
-        weights = [m.float() + (w_obs - 1.0) * e.after_observation.float() for m, e in zip(masks, seqs, strict=True)]
+        weights = masks  # plain SFT: no per-step weight masks
+        if w_obs != 1.0:
+            weights = [m.float() + (w_obs - 1.0) * e.after_observation.float() for m, e in zip(masks, seqs, strict=True)]
         total = 0.0
         for chunk in iter_logprobs(
             self.model,
