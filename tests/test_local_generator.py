@@ -4,8 +4,9 @@ Guarantees checked: behaviour logprobs equal a fresh full forward's log_softmax(
 after an image observation and under left padding), forks prefill their shared prefix once and
 sample exactly what from-scratch sampling samples, the loop runs end to end on the model, and
 cross-turn KV reuse (`local.kv_reuse`) samples the same tokens and logprobs as re-prefilling every
-turn, keeps no cache past a finished trajectory or a `run_rollouts` call, and none across threads,
-and a cache grown in place decodes what transformers' copy-per-step cache decodes.
+turn (with prefills attending grouped, `local.attention`, against transformers' sdpa), keeps no
+cache past a finished trajectory or a `run_rollouts` call, and none across threads, and a cache
+grown in place decodes what transformers' copy-per-step cache decodes.
 """
 
 from __future__ import annotations
@@ -366,10 +367,10 @@ def _zoom_rollouts(bundle, proto, reuse: bool, **generator_kwargs):
     """Five 3-turn zoom rollouts of two questions (different lengths), then forks of two of them.
 
     ``reuse=False`` is the generator as it was before cross-turn reuse: every turn re-prefills its
-    context and decoding copies the cache at every step.
+    context, decoding copies the cache at every step and prefills attend with transformers' sdpa.
     """
     if not reuse:
-        generator_kwargs["grow_cache_in_place"] = False
+        generator_kwargs.update(grow_cache_in_place=False, grouped_attention=False)
     zoom = ImageZoomTool()
     prompts = [
         proto.build_prompt("What does the sign say?", [_image(120, 90, 1)], [zoom]),
@@ -415,14 +416,25 @@ def test_cross_turn_kv_reuse_matches_reprefill(bundle, proto, batching, room, mo
     torch.testing.assert_close(torch.tensor(s.logprobs)[sampled], ref[sampled], atol=1e-4, rtol=0)
 
 
-def test_cross_turn_kv_reuse_is_token_for_token_the_same_in_float64(bundle, proto):
+def test_cross_turn_kv_reuse_is_token_for_token_the_same_in_float64(bundle, proto, monkeypatch):
     # In float64 the two paths' logits differ by ~1e-15, far below any gap the float32 sampler
     # could see, so there are no ties to flip: every rollout, fork included, is the same token for
     # token and its logprobs agree to 1e-5. (In float32 a near-uniform random model can flip a tie:
     # test_cross_turn_kv_reuse_matches_reprefill allows one row.)
+    grouped = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        grouped.append(kwargs.get("enable_gqa", False) and kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     double = replace(bundle, model=copy.deepcopy(bundle.model).double())
     states, forks, calls, *_ = _zoom_rollouts(double, proto, reuse=True)
+    assert any(grouped)  # padded prefills attended grouped (local.attention)
+    del grouped[:]
     ref_states, ref_forks, *_ = _zoom_rollouts(double, proto, reuse=False)
+    assert not any(grouped)  # transformers' sdpa repeats the KV heads when there is a mask
     assert calls[1][0].reused_tokens > 0  # the reuse path ran
     assert_same_rollouts(states + forks, ref_states + ref_forks, ties=0, atol=1e-5)
 

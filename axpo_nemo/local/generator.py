@@ -52,6 +52,7 @@ from transformers import DynamicCache
 from axpo_nemo.agent.loop import Continuation, SamplingParams, WorkCounters, per_state_params
 from axpo_nemo.agent.protocol import ImageSlot
 from axpo_nemo.agent.trajectory import TrajectoryState, derive_seed
+from axpo_nemo.local.attention import use_grouped_attention
 from axpo_nemo.local.forward import CACHE_ARG, encode, kv_cache
 from axpo_nemo.local.kv_reuse import CachedContext, extract_row, grow_in_place, past_cache, turn_cache_session
 
@@ -162,6 +163,10 @@ class LocalGenerator:
             every turn re-prefills its whole context).
         grow_cache_in_place: decode into a cache with room to grow (off: transformers'
             ``DynamicCache``, which copies the whole cache at every step; for benchmarks).
+        grouped_attention: put the model's text decoder on `local.attention.grouped_sdpa_attention`,
+            which prefills on CPU without copying each KV head per query head (same results; it
+            changes no call with gradients on, so training is untouched). Off: transformers'
+            ``sdpa``.
     """
 
     def __init__(
@@ -176,8 +181,10 @@ class LocalGenerator:
         cpu_threads: int | None = 1,
         reuse_kv: bool = True,
         grow_cache_in_place: bool = True,
+        grouped_attention: bool = True,
     ) -> None:
         self.model = model
+        use_grouped_attention(model, grouped_attention)
         self.reuse_kv = reuse_kv
         self.grow_cache_in_place = grow_cache_in_place
         self.cpu_threads = cpu_threads
