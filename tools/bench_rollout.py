@@ -21,22 +21,27 @@ task (`data.synth`, written to a temporary folder). ``B`` questions x ``N`` roll
 observation, and single-turn rollouts sample ``3 x --think`` tokens, or with ``--count-calls``
 the calls' tokens too.
 
-Each mode runs on several generator configurations (``--configs``, default all but ``grow``):
+Each mode runs on several generator configurations (``--configs``, default ``before,reuse,after``):
 
 * ``before``: the generator as it was: every turn re-prefills its whole context
-  (``reuse_kv=False``) and decoding appends to transformers' ``DynamicCache``, which copies the
-  whole cache at every step (``grow_cache_in_place=False``);
+  (``reuse_kv=False``), decoding appends to transformers' ``DynamicCache``, which copies the
+  whole cache at every step (``grow_cache_in_place=False``), and prefills attend with
+  transformers' ``sdpa``, which copies each KV head per query head (``grouped_attention=False``);
 * ``reuse``: cross-turn KV reuse only (each turn prefills only what follows the trajectory's cache);
 * ``grow``: in-place cache growth only;
-* ``after``: both (the generator's defaults).
+* ``reuse+grow``: both, prefills attending with transformers' ``sdpa``;
+* ``after``: all three (the generator's defaults).
 
 The runs alternate within each repeat (so load drift on a shared machine hits all alike), after
 one untimed round of every run at full batch. Per run: the median wall time of ``run_rollouts``
 over the repeats, the median CPU time of this process (steadier than wall time on a shared
 machine), decoded tokens/s (wall), and the generator's prefilled and reused tokens; then, per
 configuration, the multi-turn / single-turn time ratio in wall and CPU time, and the multi-turn
-speed-up over ``before``. The last line is the wall-time ratio of the last configuration given
-(``after`` by default). It also says whether every configuration's multi-turn rollouts came out
+speed-up over ``before``. The ratio is the median over the repeats of each repeat's own ratio
+(its multi-turn run against the single-turn run just before it), with the lowest and highest: on
+a host whose speed drifts by a third from one minute to the next, a ratio of two medians taken
+at different times moves more than the change being measured. The last line is that wall-time
+ratio for the last configuration given (``after`` by default). It also says whether every configuration's multi-turn rollouts came out
 token for token the same as ``before``'s (a near-tie in the sampler's sort can flip one token of a
 random tiny model's near-uniform distribution: float rounding, as with another batch composition).
 
@@ -70,10 +75,11 @@ from axpo_nemo.models import build_policy, resolve_device
 
 BOXES = ([0, 0, 500, 500], [250, 250, 750, 750])
 CONFIGS = {
-    "before": {"reuse_kv": False, "grow_cache_in_place": False},
-    "reuse": {"reuse_kv": True, "grow_cache_in_place": False},
-    "grow": {"reuse_kv": False, "grow_cache_in_place": True},
-    "after": {"reuse_kv": True, "grow_cache_in_place": True},
+    "before": {"reuse_kv": False, "grow_cache_in_place": False, "grouped_attention": False},
+    "reuse": {"reuse_kv": True, "grow_cache_in_place": False, "grouped_attention": False},
+    "grow": {"reuse_kv": False, "grow_cache_in_place": True, "grouped_attention": False},
+    "reuse+grow": {"reuse_kv": True, "grow_cache_in_place": True, "grouped_attention": False},
+    "after": {"reuse_kv": True, "grow_cache_in_place": True, "grouped_attention": True},
 }
 
 
@@ -320,10 +326,15 @@ def main() -> None:
             f"{r['reused_tokens']:>8d} {r['images']:>6d}"
         )
     base = configs[0]
+
+    def paired(c: str, field: str) -> list[float]:
+        return sorted(m[field] / s[field] for s, m in zip(runs[c, False], runs[c, True], strict=True))
+
     for c in configs:
+        w, p = paired(c, "seconds"), paired(c, "cpu_s")
         line = (
-            f"{c:<7} multi-turn/single-turn time ratio: {wall[c, True] / wall[c, False]:.3f} wall, "
-            f"{cpu[c, True] / cpu[c, False]:.3f} CPU"
+            f"{c:<7} multi-turn/single-turn time ratio: {statistics.median(w):.3f} wall "
+            f"({w[0]:.3f}-{w[-1]:.3f}), {statistics.median(p):.3f} CPU ({p[0]:.3f}-{p[-1]:.3f})"
         )
         if c != base:
             same = sum(
@@ -334,8 +345,7 @@ def main() -> None:
                 f"({cpu[base, True] / cpu[c, True]:.2f}x CPU), rollouts identical to {base}'s: {same}/{b * n}"
             )
         print(line)
-    last = configs[-1]
-    print(f"multi-turn/single-turn time ratio {wall[last, True] / wall[last, False]:.3f}")
+    print(f"multi-turn/single-turn time ratio {statistics.median(paired(configs[-1], 'seconds')):.3f}")
 
 
 if __name__ == "__main__":
