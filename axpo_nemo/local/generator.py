@@ -7,7 +7,8 @@ One ``generate`` call samples one assistant turn for every given state:
    resulting KV cache rows are then gathered (``Cache.batch_select_indices`` with repeated indices)
    so each state gets its own copy. ``stats`` counts prefilled sequences and tokens. An image
    that several prefilled contexts show (by fingerprint: a group's zooms on the same box) goes
-   through the vision tower once.
+   through the vision tower once. With gradients off on the CPU, padded prefills attend without
+   copying each KV head per query head (`local.attention`; same results).
 2. **Positions.** Contexts are left-padded. Qwen3-VL uses 3-D M-RoPE: position ids are computed
    here, per row, from the state's image slots exactly as ``Qwen3VLModel.get_rope_index`` does
    (text runs advance all three axes together; an image's pads get (t, h, w) grid positions and
