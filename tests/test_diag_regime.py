@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "diag_regime.py"
 
 
 @pytest.fixture(scope="module")
 def diag():
-    spec = importlib.util.spec_from_file_location("diag_regime", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 REF = {"name": "python", "arguments": {"code": "print(6*7)"}}

@@ -6,7 +6,6 @@ No training runs here: run folders are faked (metrics.jsonl, an RL checkpoint ma
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "exp_tool_collapse.py"
@@ -21,14 +21,10 @@ SCRIPT = ROOT / "tools" / "exp_tool_collapse.py"
 
 @pytest.fixture(scope="module")
 def exp():
-    spec = importlib.util.spec_from_file_location("exp_tool_collapse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
     try:
-        spec.loader.exec_module(module)
-        yield module
+        yield load_script(SCRIPT)
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop(SCRIPT.stem, None)
 
 
 def _tool_rate(algo: str, seed: int, step: int) -> float:

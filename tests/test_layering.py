@@ -4,17 +4,13 @@ are siblings, and the config schema needs no backend. `tools/import_graph.py` pr
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
-import_graph = importlib.util.module_from_spec(spec)
-sys.modules["import_graph"] = import_graph
-spec.loader.exec_module(import_graph)
+import_graph = load_script(ROOT / "tools" / "import_graph.py")
 
 #: Lowest first; a package may import packages of lower layers only (same layer: not each other).
 LAYERS = [

@@ -3,13 +3,13 @@ only that token, for tool trajectories only."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from script_loader import load_script
 
 from axpo_nemo.agent.loop import AgentLoopConfig
 from axpo_nemo.agent.protocol import ChatProtocol, format_assistant_turn
@@ -25,10 +25,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread")]
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("probe_answer_copy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_the_probe_scores_the_boxed_answer_after_the_observation(tool, tmp_path):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from script_loader import load_script
 
 from axpo_nemo.run.checkpoint import CheckpointManager
 from axpo_nemo.run.metrics_log import read_metrics
@@ -82,13 +83,6 @@ TERMINAL = {
 }
 
 
-def _load_wait_for_ray():
-    spec = importlib.util.spec_from_file_location("slurm_wait_for_ray", SLURM_DIR / "lib" / "wait_for_ray.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ------------------------------------------------------------------------------ static checks
 
 
@@ -128,7 +122,7 @@ def test_launcher_outside_slurm_says_to_use_sbatch(tmp_path):
 
 
 def test_ray_wait_names_each_missing_node_and_why():
-    wait = _load_wait_for_ray()
+    wait = load_script(SLURM_DIR / "lib" / "wait_for_ray.py", "slurm_wait_for_ray")
     nodes = [
         {
             "Alive": True,

@@ -9,7 +9,6 @@ EvalReport for ``eval/report.json``), so a format change breaks them.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 from axpo_nemo.eval.passk import EvalReport
 from axpo_nemo.run.metrics_log import MetricsLogger
@@ -29,16 +29,8 @@ SWEEP = ROOT / "tools" / "sweep.py"
 COLLECT = ROOT / "tools" / "collect.py"
 
 
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(f"tools_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load(SWEEP)
-collect = _load(COLLECT)
+sweep = load_script(SWEEP, "tools_sweep")
+collect = load_script(COLLECT, "tools_collect")
 
 
 def _run(script: Path, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
