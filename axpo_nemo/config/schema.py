@@ -61,7 +61,8 @@ class ModelConfig:
     cpu_threads: int = setting(
         0,
         "torch intra-op threads for training on the CPU; 0: torch's default. Use 1 when other "
-        "processes share the cores (OpenMP threads then mostly wait on each other).",
+        "processes share the cores (OpenMP threads then mostly wait on each other), or to make a "
+        "run repeat bit for bit (with more threads, two runs agree only to float rounding).",
         ge=0,
     )
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
