@@ -152,6 +152,30 @@ def test_mean_ci95_is_the_t_interval(exp):
     assert exp.mean_ci95([0.1] * 40)[1] == pytest.approx(0.1)  # no spread, normal quantile past 30 df
 
 
+def test_ablations_get_a_figure_of_their_own(exp, tmp_path, monkeypatch):
+    import axpo_nemo.local.plots as plots
+
+    drawn = {}
+    real = plots.plot_mean_bands
+
+    def record(runs_by_label, metrics, out, **kwargs):
+        drawn[Path(out).name] = list(runs_by_label)
+        return real(runs_by_label, metrics, out, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_mean_bands", record)
+    runs = _fake_runs(exp, tmp_path / "runs")
+    label = exp.ABLATIONS["no_prefix_credit"][0]
+    _write_run(tmp_path / "runs" / "seed0" / "no_prefix_credit", "axpo", 0)
+    runs.append(exp.RunInfo(label, 0, tmp_path / "runs" / "seed0" / "no_prefix_credit", 9.0))
+    assert exp.figures(runs) == {"curves.png": ["GRPO", "AXPO"], "ablations.png": ["AXPO", label]}
+    assert exp.figures(runs[:-1]) == {"curves.png": ["GRPO", "AXPO"]}
+    agg = exp.aggregate(runs, tmp_path / "out", window=2, figures=exp.figures(runs))
+    names = sorted(p.name for p in agg.plots)
+    assert names == sorted([*(f"{m}.png" for m in exp.CURVE_METRICS), "curves.png", "ablations.png"])
+    assert drawn == {"curves.png": ["GRPO", "AXPO"], "ablations.png": ["AXPO", label]}
+    assert all(p.is_file() and p.stat().st_size > 1000 for p in agg.plots)
+
+
 def test_aggregate_default_window_and_one_seed(exp, tmp_path):
     _write_run(tmp_path / "a", "axpo", 0, steps=20)
     _write_run(tmp_path / "g", "grpo", 0, steps=12)

@@ -190,6 +190,7 @@ def aggregate(
     window: int | None = None,
     sft_seconds: Mapping[int, float] | None = None,
     title: str = "Tool collapse: GRPO vs AXPO",
+    figures: Mapping[str, Sequence[str]] | None = None,
 ) -> Aggregate:
     """Aggregate finished runs into ``results.md``, ``results.json``, ``curves.csv`` and plots.
 
@@ -198,7 +199,9 @@ def aggregate(
     order of first appearance. ``window``: k of the first/last-k step averages (None: a quarter
     of the shortest run, 1 to 10 steps). ``sft_seconds``: wall time of each seed's shared SFT
     run, reported under the table. Metrics a run did not log (GRPO has no resampling) are NaN
-    and show as "n/a"; means and stds ignore NaN.
+    and show as "n/a"; means and stds ignore NaN. ``figures``: file name -> the labels drawn in
+    it, every curve metric one panel (default: ``curves.png`` with every label); labels without
+    runs are left out, and a figure with none is not written.
     """
     from axpo_nemo.local.plots import plot_mean_band, plot_mean_bands, series
     from axpo_nemo.run.metrics_log import read_metrics
@@ -250,7 +253,10 @@ def aggregate(
     by_label = {lab: [rl[id(r)] for r in runs if r.label == lab] for lab in labels}
     for m in CURVE_METRICS:
         plots.append(plot_mean_band(by_label, m, plots_dir / f"{m}.png"))
-    plots.append(plot_mean_bands(by_label, CURVE_METRICS, plots_dir / "curves.png"))
+    for name, wanted in (figures or {"curves.png": labels}).items():
+        drawn = {lab: by_label[lab] for lab in wanted if lab in by_label}
+        if drawn:
+            plots.append(plot_mean_bands(drawn, CURVE_METRICS, plots_dir / name))
 
     # Per-step table of the curves (unsmoothed mean, sample std, seeds present).
     curves_csv = out_dir / "curves.csv"

@@ -6,7 +6,8 @@ reports over the RL steps, as mean ± sample std across seeds per algorithm:
 
 * ``tool_use_rate``, ``tool_subgroup_all_wrong_rate`` (the collapse symptom AXPO treats),
   ``resample_recovery_rate`` (AXPO only) and ``accuracy``: one plot each (``plot_mean_band``),
-  and the per-step values in ``curves.csv``;
+  all of them in ``curves.png`` (GRPO, AXPO, budget-matched GRPO) and, with ``--ablations``, in
+  ``ablations.png`` (AXPO and its ablations), and the per-step values in ``curves.csv``;
 * ``results.md`` (and ``results.json``): per algorithm, the first-k and last-k step averages of
   those metrics, the eval Pass@k and eval tool-use rate of the final model, the wall time per
   run and the seconds per RL step; then one row per run.
@@ -210,6 +211,19 @@ def plan(args: argparse.Namespace, base_overrides: list[str], bm_n: int | None) 
                 ]
                 specs.append(RunSpec(key, label, seed, run_dir, [*common, *extra]))
     return specs
+
+
+def figures(runs: Sequence[RunInfo]) -> dict[str, list[str]]:
+    """The combined plots to draw: ``curves.png`` with GRPO, AXPO and the budget-matched baseline,
+    and, when ablations ran, ``ablations.png`` with AXPO and its ablations (seven curves in one
+    panel cannot be told apart)."""
+    ablation_labels = {label for label, _ in ABLATIONS.values()}
+    labels = list(dict.fromkeys(r.label for r in runs))
+    drawn = {"curves.png": [lab for lab in labels if lab not in ablation_labels]}
+    ablated = [lab for lab in labels if lab in ablation_labels]
+    if ablated:
+        drawn["ablations.png"] = ["AXPO", *ablated]
+    return drawn
 
 
 def sft_done(run_dir: Path) -> bool:
@@ -532,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if oc.spec.key == "sft" and oc.status in ("done", "reused") and not math.isnan(oc.seconds)
     }
     if finished:
-        agg = aggregate(finished, out, window=args.window, sft_seconds=sft_seconds)
+        agg = aggregate(finished, out, window=args.window, sft_seconds=sft_seconds, figures=figures(finished))
         print()
         print(agg.markdown)
         say(
