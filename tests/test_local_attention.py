@@ -43,20 +43,6 @@ class _Layer(torch.nn.Module):
         self.num_key_value_groups = groups
 
 
-@pytest.fixture
-def sdpa_calls(monkeypatch):
-    """The keyword arguments of every ``scaled_dot_product_attention`` call."""
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    return calls
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("q_len", "kv_len"), [(7, 7), (5, 40)], ids=["prefill", "after-cache"])
 def test_a_masked_no_grad_prefill_attends_grouped_and_equals_transformers_sdpa(sdpa_calls, dtype, q_len, kv_len):

@@ -416,25 +416,20 @@ def test_cross_turn_kv_reuse_matches_reprefill(bundle, proto, batching, room, mo
     torch.testing.assert_close(torch.tensor(s.logprobs)[sampled], ref[sampled], atol=1e-4, rtol=0)
 
 
-def test_cross_turn_kv_reuse_is_token_for_token_the_same_in_float64(bundle, proto, monkeypatch):
+def test_cross_turn_kv_reuse_is_token_for_token_the_same_in_float64(bundle, proto, sdpa_calls):
     # In float64 the two paths' logits differ by ~1e-15, far below any gap the float32 sampler
     # could see, so there are no ties to flip: every rollout, fork included, is the same token for
     # token and its logprobs agree to 1e-5. (In float32 a near-uniform random model can flip a tie:
     # test_cross_turn_kv_reuse_matches_reprefill allows one row.)
-    grouped = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    def grouped() -> bool:  # a masked call that did not repeat the KV heads
+        return any(c.get("enable_gqa") and c.get("attn_mask") is not None for c in sdpa_calls)
 
-    def spy(*args, **kwargs):
-        grouped.append(kwargs.get("enable_gqa", False) and kwargs.get("attn_mask") is not None)
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     double = replace(bundle, model=copy.deepcopy(bundle.model).double())
     states, forks, calls, *_ = _zoom_rollouts(double, proto, reuse=True)
-    assert any(grouped)  # padded prefills attended grouped (local.attention)
-    del grouped[:]
+    assert grouped()  # padded prefills attended grouped (local.attention)
+    del sdpa_calls[:]
     ref_states, ref_forks, *_ = _zoom_rollouts(double, proto, reuse=False)
-    assert not any(grouped)  # transformers' sdpa repeats the KV heads when there is a mask
+    assert not grouped()  # transformers' sdpa repeats the KV heads when there is a mask
     assert calls[1][0].reused_tokens > 0  # the reuse path ran
     assert_same_rollouts(states + forks, ref_states + ref_forks, ties=0, atol=1e-5)
 

@@ -222,7 +222,7 @@ def figures(runs: Sequence[RunInfo]) -> dict[str, list[str]]:
     drawn = {"curves.png": [lab for lab in labels if lab not in ablation_labels]}
     ablated = [lab for lab in labels if lab in ablation_labels]
     if ablated:
-        drawn["ablations.png"] = ["AXPO", *ablated]
+        drawn["ablations.png"] = [labels_for(None)["axpo"], *ablated]
     return drawn
 
 

@@ -390,8 +390,9 @@ class LocalGenerator:
             s = states[r]
             keys, values, runs = extract_row(cache, j, mask[j].bool(), copy=not last)
             covered = s.token_ids + tokens[r][:-1]  # the last sampled token was never fed
-            if sum(b - a for a, b in runs) != len(covered):
-                raise AssertionError(f"cached {sum(b - a for a, b in runs)} positions for {len(covered)} tokens")
+            held = sum(b - a for a, b in runs)
+            if held != len(covered):
+                raise AssertionError(f"cached {held} positions for {len(covered)} tokens")
             store.put(s, CachedContext(covered, CachedContext.slots_of(s), keys, values, runs))
 
     def _generate_batch(
